@@ -1,0 +1,86 @@
+"""``colornet``: the VGG-style colorization network of the paper (Table 4; PROTOCOL.md section 3).
+
+Blocks conv1..conv7 are 3x3 convolutions with ReLUs and one BatchNorm without affine after the block's
+last ReLU; conv1-conv3 end with a stride-2 conv, conv5 / conv6 are dilated by 2. conv8 upsamples
+(4x4 transposed conv, stride 2, to 256) then has two 3x3 convs of 256, and a 1x1 head gives 313 logits
+at 1/4 of the input resolution (56x56 at 224, 44x44 at 176).
+
+Parameters: 32,230,393, i.e. the paper's "32.2 M". Every convolution, the transposed one and the head
+carry a bias, as in the released Caffe model (Caffe's default ``bias_term: true``; the deploy net's
+extra ``class8_ab`` 313->2 layer is a fixed decoding matrix, not counted here: decoding lives in
+ssl_colorize.targets.annealed_mean). Without biases it would be 32,222,016, also within 1%; the
+biases are kept to match the released weights layer for layer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from ssl_colorize.models.base import Encoder, Tap, init_conv_weights_
+from ssl_colorize.models.registry import register_model
+
+# block name -> (output channels, number of convs, stride of the last conv, dilation)
+_BLOCKS = OrderedDict(
+    conv1=(64, 2, 2, 1),
+    conv2=(128, 2, 2, 1),
+    conv3=(256, 3, 2, 1),
+    conv4=(512, 3, 1, 1),
+    conv5=(512, 3, 1, 2),
+    conv6=(512, 3, 1, 2),
+    conv7=(512, 3, 1, 1),
+)
+
+
+def _vgg_block(name: str, c_in: int, c_out: int, n_convs: int, last_stride: int, dilation: int) -> nn.Sequential:
+    """n 3x3 convs + ReLUs, the last with ``last_stride``, then BatchNorm (no affine) after the last ReLU."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    index = name.removeprefix("conv")
+    for i in range(1, n_convs + 1):
+        stride = last_stride if i == n_convs else 1
+        layers[f"conv{index}_{i}"] = nn.Conv2d(
+            c_in if i == 1 else c_out, c_out, 3, stride=stride, padding=dilation, dilation=dilation
+        )
+        layers[f"relu{index}_{i}"] = nn.ReLU(inplace=True)
+    layers["bn"] = nn.BatchNorm2d(c_out, affine=False)
+    return nn.Sequential(layers)
+
+
+class ColorNet(Encoder):
+    """The paper's colorization network on L; taps conv1..conv8 are the blocks' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__(input_space="L")
+        c_in = 1
+        stride = 1
+        taps: dict[str, Tap] = {}
+        for name, (c_out, n_convs, last_stride, dilation) in _BLOCKS.items():
+            setattr(self, name, _vgg_block(name, c_in, c_out, n_convs, last_stride, dilation))
+            stride *= last_stride
+            taps[name] = Tap(c_out, stride)
+            c_in = c_out
+        # conv8: no BatchNorm (PROTOCOL.md section 3: BN after blocks 1-7 only).
+        self.conv8 = nn.Sequential(
+            OrderedDict(
+                conv8_1=nn.ConvTranspose2d(512, 256, 4, stride=2, padding=1),
+                relu8_1=nn.ReLU(inplace=True),
+                conv8_2=nn.Conv2d(256, 256, 3, padding=1),
+                relu8_2=nn.ReLU(inplace=True),
+                conv8_3=nn.Conv2d(256, 256, 3, padding=1),
+                relu8_3=nn.ReLU(inplace=True),
+            )
+        )
+        taps["conv8"] = Tap(256, stride // 2)
+        self.head = nn.Conv2d(256, self.num_bins, 1)
+        self.stage_names = tuple(taps)
+        self.taps = taps
+        self.probe_taps = ("conv1", "conv2", "conv3", "conv4", "conv5")
+        self.output_stride = 4
+        init_conv_weights_(self, head=self.head)
+
+
+@register_model
+def colornet() -> ColorNet:
+    """The 32.2 M-parameter colorization network (paper Table 4); logits at 1/4 resolution."""
+    return ColorNet()
