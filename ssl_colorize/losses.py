@@ -18,11 +18,17 @@ from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA, soft_encode
 _CHUNK_IMAGES = 2
 
 
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 logits (autocast), float64 for float64."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def _logsumexp_chunked(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over dim 1 in float32, a few images at a time -> (N, H, W)."""
-    out = torch.empty((logits.shape[0],) + tuple(logits.shape[2:]), dtype=torch.float32, device=logits.device)
+    """logsumexp over dim 1 in at least float32, a few images at a time -> (N, H, W)."""
+    dtype = _compute_dtype(logits)
+    out = torch.empty((logits.shape[0],) + tuple(logits.shape[2:]), dtype=dtype, device=logits.device)
     for start in range(0, logits.shape[0], _CHUNK_IMAGES):
-        out[start : start + _CHUNK_IMAGES] = torch.logsumexp(logits[start : start + _CHUNK_IMAGES].float(), dim=1)
+        out[start : start + _CHUNK_IMAGES] = torch.logsumexp(logits[start : start + _CHUNK_IMAGES].to(dtype), dim=1)
     return out
 
 
@@ -32,8 +38,8 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, indices, weights, pixel_weights):
         lse = _logsumexp_chunked(logits)
-        gathered = logits.gather(1, indices).float()
-        per_pixel = lse - (weights.float() * gathered).sum(1)
+        gathered = logits.gather(1, indices).to(lse.dtype)
+        per_pixel = lse - (weights.to(lse.dtype) * gathered).sum(1)
         if pixel_weights is not None:
             per_pixel = per_pixel * pixel_weights
         ctx.save_for_backward(logits, indices, weights, pixel_weights, lse)
@@ -43,13 +49,13 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, indices, weights, pixel_weights, lse = ctx.saved_tensors
         num_pixels = lse.numel()
-        scale = grad_output.float() / num_pixels
+        scale = grad_output.to(lse.dtype) / num_pixels
         per_pixel_scale = scale * (pixel_weights if pixel_weights is not None else torch.ones_like(lse))
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], _CHUNK_IMAGES):
             sl = slice(start, start + _CHUNK_IMAGES)
-            chunk = torch.exp(logits[sl].float() - lse[sl, None])  # softmax, one chunk at a time
-            chunk.scatter_add_(1, indices[sl], -weights[sl].float())
+            chunk = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])  # softmax, one chunk at a time
+            chunk.scatter_add_(1, indices[sl], -weights[sl].to(lse.dtype))
             chunk.mul_(per_pixel_scale[sl, None])
             grad[sl] = chunk
         return grad, None, None, None
@@ -90,9 +96,9 @@ def soft_target_cross_entropy(
     indices, weights = encoded if encoded is not None else soft_encode(ab, k=k, sigma=sigma)
     pixel_weights = None
     if class_weights is not None:
-        pixel_weights = class_weights.to(device=logits.device, dtype=torch.float32)[indices[:, 0]]
+        pixel_weights = class_weights.to(device=logits.device, dtype=_compute_dtype(logits))[indices[:, 0]]
     if image_weights is not None:
-        factor = image_weights.to(device=logits.device, dtype=torch.float32)[:, None, None]
+        factor = image_weights.to(device=logits.device, dtype=_compute_dtype(logits))[:, None, None]
         pixel_weights = factor.expand(-1, *logits.shape[2:]) if pixel_weights is None else pixel_weights * factor
     return _SoftTargetCrossEntropy.apply(logits, indices, weights, pixel_weights)
 
