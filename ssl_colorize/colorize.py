@@ -1,0 +1,93 @@
+"""Colorize images with a pretrained model: ``python -m ssl_colorize.colorize IMAGE... --checkpoint CKPT``.
+
+Each output PNG has the input's size and its own L channel: the network predicts ab at low resolution
+from the input's L, the ab is upsampled to the full image and combined with the original L
+(PROTOCOL.md section 2, "Test time").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ssl_colorize.checkpoint import load_encoder
+from ssl_colorize.color import rgb_to_lab
+from ssl_colorize.data import read_image
+from ssl_colorize.inference import ab_to_rgb, predict_ab
+from ssl_colorize.targets import DEFAULT_TEMPERATURE
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("ssl_colorize.colorize", description=__doc__.split("\n\n")[0], add_help=add_help)
+    p.add_argument("images", nargs="+", help="image files (colour or greyscale)")
+    p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (checkpoint.pth or a snapshot)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="annealed-mean temperature: 1 = mean, towards 0 = mode (paper: 0.38)")
+    p.add_argument("--out", default="colorized", help="output folder")
+    p.add_argument("--net-size", type=int, default=None,
+                   help="resize L to this square size for the network (the paper used 224 or 256; default: the full image)")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def colorize_file(model, path: Path, temperature: float, net_size: int | None, device: torch.device) -> np.ndarray:
+    """One image file -> uint8 HxWx3 colorization at the file's full resolution, with its own L."""
+    rgb = read_image(path).float()[None] / 255.0
+    L = rgb_to_lab(rgb)[:, :1].to(device)
+    full_size = tuple(L.shape[-2:])
+    net_L = L if net_size is None else F.interpolate(L, size=(net_size, net_size), mode="bilinear", align_corners=False)
+    ab = predict_ab(model, net_L, temperature=temperature)
+    if tuple(ab.shape[-2:]) != full_size:
+        ab = F.interpolate(ab, size=full_size, mode="bilinear", align_corners=False)
+    out = ab_to_rgb(L, ab)[0]
+    return (out.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"image file(s) not found: {', '.join(missing)}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model = load_encoder(args.checkpoint).to(device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, failed = [], []
+    for name in tqdm(args.images, desc="colorize", unit="img", disable=len(args.images) < 2):
+        path = Path(name)
+        try:
+            array = colorize_file(model, path, args.temperature, args.net_size, device)
+        except (RuntimeError, ValueError) as exc:
+            failed.append(f"{path}: {exc}")
+            continue
+        target = out_dir / f"{path.stem}_colorized.png"
+        tmp = target.with_name(f".{target.name}.tmp")
+        Image.fromarray(array).save(tmp, format="PNG")
+        tmp.replace(target)
+        written.append(target)
+    for line in failed:
+        print(f"colorize: skipped {line}", file=sys.stderr)
+    print(f"colorize: wrote {len(written)} image(s) to {out_dir}" + (f", skipped {len(failed)}" if failed else ""))
+    return written
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,172 @@
+"""The pretext trainer: resume equivalence, DDP equivalence, bad input, run-folder contents."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_colorize.checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from ssl_colorize.pretrain import get_args_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--crop", "64", "--resize", "72", "--batch-size", "4", "--workers", "0", "--no-progress", "--log-every", "1"]
+
+
+def run(tmp_path, name, *extra):
+    args = get_args_parser().parse_args(["--out", str(tmp_path / name), *TINY, *extra])
+    return main(args)
+
+
+def make_folder(root: Path, n_per_class=6, classes=("a", "b"), seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            array = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            array[:20] = (200, 30, 30) if c == "a" else (30, 30, 200)
+            Image.fromarray(array).save(root / c / f"{i}.jpg")
+    return root
+
+
+def weights(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=1e-5), key
+
+
+def test_builtin_run_leaves_checkpoint_log_preview_and_snapshots(tmp_path):
+    result = run(tmp_path, "r", "--steps", "6", "--ckpt-every", "3", "--snapshot-every", "3")
+    out = Path(result["out"])
+    assert (out / "checkpoint.pth").is_file() and (out / "config.json").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(r["images_per_sec"] > 0 and r["lr"] > 0 for r in log)
+    previews = sorted(out.glob("preview_step*.png"))
+    assert [p.name for p in previews] == ["preview_step0000003.png", "preview_step0000006.png"]
+    w, h = Image.open(previews[-1]).size
+    assert h == 3 * 64 and w == 8 * 64  # rows: grey, ours, truth; 8 held-out images
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_0000003.pth", "step_0000006.pth"]
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 6 and ckpt["model"]["name"] == "alexnet_lab"
+    assert ckpt["bins"].shape == (313, 2) and ckpt["prior"].shape == (313,)
+    for key in ("optimizer", "scheduler", "rng", "data_state", "config", "version"):
+        assert key in ckpt
+    model = load_encoder(out / "checkpoint.pth")  # rebuilt with no extra flags
+    assert not model.training
+
+
+def test_resume_after_stop_equals_uninterrupted(tmp_path):
+    full = run(tmp_path, "full", "--steps", "6", "--ckpt-every", "2")
+    run(tmp_path, "split", "--steps", "6", "--ckpt-every", "2", "--stop-after", "3")
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pth")["step"] == 3
+    resumed = run(tmp_path, "split", "--steps", "6", "--ckpt-every", "2", "--resume")
+    assert resumed["step"] == 6
+    assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert_same_weights(weights(tmp_path / "full" / "checkpoint.pth"), weights(tmp_path / "split" / "checkpoint.pth"))
+
+
+def test_resume_after_a_real_kill(tmp_path):
+    """SIGKILL a training process mid-run; resuming reaches the uninterrupted run's weights."""
+    common = [*TINY, "--steps", "8", "--ckpt-every", "1", "--encoder", "alexnet_lab"]
+    full = run(tmp_path, "full", "--steps", "8", "--ckpt-every", "4")
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_colorize.pretrain", "--out", str(out), *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        log = out / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(out / "checkpoint.pth")["step"]
+    assert 1 <= step_at_kill < 8
+    resumed = run(tmp_path, "killed", "--steps", "8", "--ckpt-every", "1", "--resume")
+    assert resumed["step"] == 8
+    assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert_same_weights(weights(tmp_path / "full" / "checkpoint.pth"), weights(out / "checkpoint.pth"))
+
+
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
+    steps = ["--steps", "3", "--ckpt-every", "3"]
+    single = run(tmp_path, "single", *steps)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "ssl_colorize.pretrain", "--out", str(tmp_path / "ddp"), *TINY, *steps]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    single_log = [json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(ddp_log, single_log):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+    assert_same_weights(weights(tmp_path / "single" / "checkpoint.pth"), weights(tmp_path / "ddp" / "checkpoint.pth"), atol=1e-4)
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", n_per_class=8)
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (data / "b" / "empty.png").write_bytes(b"")
+    (data / "b" / "notes.txt").write_text("not an image")
+    result = main(get_args_parser().parse_args(
+        ["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--steps", "8", "--ckpt-every", "8"]))
+    assert result["step"] == 8
+    assert result["skipped"] >= 2  # both bad files were met at least once in 8 steps over 18 files
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "empty.png" in err and "skipped" in err
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_missing_or_empty_data_fails_before_training(tmp_path, make):
+    data = tmp_path / "data"
+    if make == "empty":
+        (data / "class").mkdir(parents=True)
+    with pytest.raises(ValueError, match=str(data)):
+        main(get_args_parser().parse_args(["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--steps", "2"]))
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    script = [sys.executable, "-m", "ssl_colorize.pretrain", "--out", str(tmp_path / "r")]
+    for extra, needle in ((["--encoder", "vgg99"], "vgg99"), (["--lr", "-1"], "--lr"), (["--crop", "8"], "--crop"),
+                          (["--prior", str(tmp_path / "nope.csv")], "--prior")):
+        done = subprocess.run(script + extra, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(path, {"model": {"name": "x"}, "state_dict": {"w": torch.ones(3)}})
+
+    def dying_save(obj, handle, *a, **k):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt  # as if killed half-way through the write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {"name": "y"}, "state_dict": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_l2_and_plain_losses_train(tmp_path):
+    for loss in ("l2", "plain"):
+        result = run(tmp_path, loss, "--steps", "2", "--loss", loss)
+        assert np.isfinite(result["loss"])
+    assert load_encoder(tmp_path / "l2" / "checkpoint.pth").head.out_channels == 2
