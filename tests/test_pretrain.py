@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ssl_colorize.checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from ssl_colorize.models import create_model
 from ssl_colorize.pretrain import get_args_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,30 +80,31 @@ def test_resume_after_stop_equals_uninterrupted(tmp_path):
 
 def test_resume_after_a_real_kill(tmp_path):
     """SIGKILL a training process mid-run; resuming reaches the uninterrupted run's weights."""
-    common = [*TINY, "--steps", "8", "--ckpt-every", "1", "--encoder", "alexnet_lab"]
-    full = run(tmp_path, "full", "--steps", "8", "--ckpt-every", "4")
+    common = [*TINY, "--steps", "6", "--ckpt-every", "2", "--encoder", "alexnet_lab"]
+    full = run(tmp_path, "full", "--steps", "6", "--ckpt-every", "6")
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # One intra-op thread, as in this process (conftest): the same reduction order, the same floats.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ssl_colorize.pretrain", "--out", str(out), *common], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline:
         log = out / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:  # past the checkpoint at step 2
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step_at_kill = load_checkpoint(out / "checkpoint.pth")["step"]
-    assert 1 <= step_at_kill < 8
-    resumed = run(tmp_path, "killed", "--steps", "8", "--ckpt-every", "1", "--resume")
-    assert resumed["step"] == 8
+    assert 2 <= step_at_kill < 6
+    resumed = run(tmp_path, "killed", "--steps", "6", "--ckpt-every", "2", "--resume")
+    assert resumed["step"] == 6
     assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "full" / "checkpoint.pth"), weights(out / "checkpoint.pth"))
 
 
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
-    steps = ["--steps", "3", "--ckpt-every", "3"]
+    steps = ["--steps", "2", "--ckpt-every", "1", "--snapshot-every", "1"]
     single = run(tmp_path, "single", *steps)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
@@ -111,10 +113,36 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     single_log = [json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    assert len(ddp_log) == len(single_log) == 2
     for a, b in zip(ddp_log, single_log):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
-    assert_same_weights(weights(tmp_path / "single" / "checkpoint.pth"), weights(tmp_path / "ddp" / "checkpoint.pth"), atol=1e-4)
+    # The first step's gradient (Adam's first moment after one step, 0.1 g) agrees to 0.1% of its
+    # norm; the update, which in Adam's first step is lr * sign(g), is the same in all but a handful of
+    # elements whose gradient is ~0; the second step's loss above shows the update acted alike. Biases of
+    # convolutions that feed a BatchNorm are left out: BatchNorm cancels them, so their gradient is
+    # float noise (~1e-9) that Adam's lr * sign(gradient)-like first step turns into moves of size lr.
+    # (Later steps are not compared weight by weight for the same reason: such noise in elements with
+    # near-zero gradient grows into per-cent differences without changing the loss.)
+    single_ckpt = load_checkpoint(tmp_path / "single" / "snapshots" / "step_0000001.pth")
+    ddp_ckpt = load_checkpoint(tmp_path / "ddp" / "snapshots" / "step_0000001.pth")
+    torch.manual_seed(0)  # the trainer's own seeded initialisation
+    initial = create_model("alexnet_lab")
+    names = [name for name, _ in initial.named_parameters()]
+    compared = 0
+    for index, single_state in single_ckpt["optimizer"]["state"].items():
+        single_m, ddp_m = single_state["exp_avg"], ddp_ckpt["optimizer"]["state"][index]["exp_avg"]
+        if single_m.norm() < 1e-6:
+            continue  # a bias before a BatchNorm
+        compared += 1
+        assert (single_m - ddp_m).norm() <= 1e-3 * single_m.norm(), names[index]
+        w0 = initial.state_dict()[names[index]]
+        single_update = single_ckpt["state_dict"][names[index]] - w0
+        ddp_update = ddp_ckpt["state_dict"][names[index]] - w0
+        lr = single_ckpt["optimizer"]["param_groups"][0]["lr"]
+        differing = ((single_update - ddp_update).abs() > 0.1 * lr).float().mean()
+        assert differing <= 1e-3, (names[index], float(differing))
+    assert compared >= 8  # every conv / fc weight and the head
 
 
 def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, capsys):

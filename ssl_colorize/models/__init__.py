@@ -1,8 +1,9 @@
 """Encoders, created by name: ``create_model(name, **kwargs)``, ``list_models()`` (DESIGN.md).
 
 Every encoder is an :class:`Encoder` with ``taps`` (name -> :class:`Tap`), ``probe_taps``,
-``input_space``, ``output_stride``, ``forward(x)`` (313-way logits), ``logits_at(x, size)`` (logits on
-the loss grid), ``forward_taps(x, taps)`` and ``model_spec``. Importing this package registers:
+``input_space``, ``output_stride``, ``forward(x)`` (313-way logits at native resolution),
+``logits_at(x, size)`` (logits on the loss grid; :func:`resize_logits` does the same to logits already
+computed), ``forward_taps(x, taps)`` and ``model_spec``. Importing this package registers:
 
 * ``alexnet_lab``: AlexNet on L, geometry "train" or "transfer" (PROTOCOL.md section 3);
 * ``colornet``: the paper's 32.2 M-parameter colorization network;
@@ -11,7 +12,7 @@ the loss grid), ``forward_taps(x, taps)`` and ``model_spec``. Importing this pac
 """
 
 from ssl_colorize.models import alexnet, colornet, resnet  # noqa: F401  (registers the models)
-from ssl_colorize.models.base import Encoder, Tap
+from ssl_colorize.models.base import Encoder, Tap, resize_logits
 from ssl_colorize.models.registry import MODEL_REGISTRY, create_model, list_models, register_model
 
-__all__ = ["Encoder", "MODEL_REGISTRY", "Tap", "create_model", "list_models", "register_model"]
+__all__ = ["Encoder", "MODEL_REGISTRY", "Tap", "create_model", "list_models", "register_model", "resize_logits"]

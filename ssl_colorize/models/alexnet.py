@@ -29,6 +29,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap, init_conv_weights_
+from ssl_colorize.targets import NUM_BINS
 from ssl_colorize.models.registry import register_model
 
 GEOMETRIES = ("train", "transfer")
@@ -40,7 +41,9 @@ _GEOMETRY = {
 }
 
 
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> nn.Sequential:
+def _conv_bn_relu(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1
+) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
             conv=nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, groups=groups),
@@ -57,7 +60,7 @@ class AlexNetLab(Encoder):
     architecture for a supervised or RGB-input baseline).
     """
 
-    def __init__(self, geometry: str = "train", in_chans: int = 1) -> None:
+    def __init__(self, geometry: str = "train", in_chans: int = 1, out_channels: int = NUM_BINS) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"alexnet_lab: in_chans must be 1 (L) or 3 (RGB), got {in_chans!r}")
         super().__init__(input_space="L" if in_chans == 1 else "rgb")
@@ -71,7 +74,7 @@ class AlexNetLab(Encoder):
         self.pool5 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.fc6 = _conv_bn_relu(256, 4096, 6)
         self.fc7 = _conv_bn_relu(4096, 4096, 1)
-        self.head = nn.Conv2d(4096, self.num_bins, 1)
+        self.head = nn.Conv2d(4096, self.head_channels(out_channels), 1)
         self.stage_names = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
         self.probe_taps = ("conv1", "conv2", "conv3", "conv4", "conv5")
         # The loss grid is every 8th pixel in both geometries (PROTOCOL.md section 2); the logits'
@@ -114,6 +117,6 @@ class AlexNetLab(Encoder):
 
 
 @register_model
-def alexnet_lab(geometry: str = "train", in_chans: int = 1) -> AlexNetLab:
+def alexnet_lab(geometry: str = "train", in_chans: int = 1, out_channels: int = NUM_BINS) -> AlexNetLab:
     """AlexNet colorization encoder (PROTOCOL.md section 3); ``geometry`` in {"train", "transfer"}."""
-    return AlexNetLab(geometry=geometry, in_chans=in_chans)
+    return AlexNetLab(geometry=geometry, in_chans=in_chans, out_channels=out_channels)

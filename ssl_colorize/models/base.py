@@ -81,6 +81,13 @@ class Encoder(nn.Module):
             self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    @staticmethod
+    def head_channels(out_channels: int) -> int:
+        """The pretext head's width: 313 colour logits, or 2 (ab itself) for the L2 regression baseline."""
+        if out_channels not in (NUM_BINS, 2):
+            raise ValueError(f"out_channels must be {NUM_BINS} (classification) or 2 (L2 regression on ab), got {out_channels}")
+        return out_channels
+
     # ----------------------------------------------------------------------------------- input
     @property
     def in_chans(self) -> int:
@@ -164,22 +171,30 @@ class Encoder(nn.Module):
         return math.ceil(height / s), math.ceil(width / s)
 
     def logits_at(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Colour logits on the loss grid: ``forward(x)`` resized to ``size`` when it differs.
+        """Colour logits on the loss grid: ``forward(x)`` passed through :func:`resize_logits`.
 
         ``size`` defaults to :meth:`loss_grid_size` of the input. The colorization net and the
-        ResNet produce logits on that grid natively; the AlexNet variant's logits (12x12 for a 180
-        crop) are bilinearly resized to it, as the released code's Resize layer did (PROTOCOL.md
-        section 2). ``align_corners=True``: both the logit grid and the decimated grid start at
-        input pixel 0 and are evenly spaced, so the corners coincide (for 180 crops, logit i sits
-        near input pixel 16 i and loss-grid cell j at 8 j, i.e. j <-> i = j / 2 exactly).
+        ResNet produce logits on that grid natively (no resize happens); the AlexNet variant's
+        logits (12x12 for a 180 crop) are bilinearly resized to it (23x23), as the released code's
+        Resize layer did (PROTOCOL.md section 2). Under DistributedDataParallel call the wrapper
+        instead, ``resize_logits(ddp_model(x), model.loss_grid_size(H, W))``, so DDP sees the forward.
         """
-        logits = self(x)
         if size is None:
             size = self.loss_grid_size(x.shape[-2], x.shape[-1])
-        size = (int(size[0]), int(size[1]))
-        if tuple(logits.shape[-2:]) != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+        return resize_logits(self(x), size)
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize (N, Q, h, w) logits to ``size``; a no-op when they already have it.
+
+    ``align_corners=True``: the logit grid and the decimated ab grid both start at input pixel 0 and
+    are evenly spaced, so their corners coincide (for AlexNet at 180, logit i sits near input pixel
+    16 i and loss-grid cell j at 8 j, i.e. cell j <-> logit j / 2 exactly).
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) == size:
         return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
 def init_conv_weights_(module: nn.Module, head: nn.Module | None = None, head_std: float = 0.01) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap, init_conv_weights_
 from ssl_colorize.models.registry import register_model
+from ssl_colorize.targets import NUM_BINS
 
 # block name -> (output channels, number of convs, stride of the last conv, dilation)
 _BLOCKS = OrderedDict(
@@ -50,7 +51,7 @@ def _vgg_block(name: str, c_in: int, c_out: int, n_convs: int, last_stride: int,
 class ColorNet(Encoder):
     """The paper's colorization network on L; taps conv1..conv8 are the blocks' outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_channels: int = NUM_BINS) -> None:
         super().__init__(input_space="L")
         c_in = 1
         stride = 1
@@ -72,7 +73,7 @@ class ColorNet(Encoder):
             )
         )
         taps["conv8"] = Tap(256, stride // 2)
-        self.head = nn.Conv2d(256, self.num_bins, 1)
+        self.head = nn.Conv2d(256, self.head_channels(out_channels), 1)
         self.stage_names = tuple(taps)
         self.taps = taps
         self.probe_taps = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -81,6 +82,6 @@ class ColorNet(Encoder):
 
 
 @register_model
-def colornet() -> ColorNet:
+def colornet(out_channels: int = NUM_BINS) -> ColorNet:
     """The 32.2 M-parameter colorization network (paper Table 4); logits at 1/4 resolution."""
-    return ColorNet()
+    return ColorNet(out_channels=out_channels)

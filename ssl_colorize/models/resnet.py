@@ -31,12 +31,13 @@ from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap
 from ssl_colorize.models.registry import register_model
+from ssl_colorize.targets import NUM_BINS
 
 
 class ResNet50Lab(Encoder):
     """ResNet-50 on L with a 313-way 1x1 head (output stride 16, or 32 without the stride-1 res5)."""
 
-    def __init__(self, stride1_last_stage: bool = True) -> None:
+    def __init__(self, stride1_last_stage: bool = True, out_channels: int = NUM_BINS) -> None:
         super().__init__(input_space="L")
         trunk = timm.create_model(
             "resnet50",
@@ -53,7 +54,7 @@ class ResNet50Lab(Encoder):
         self.res4 = trunk.layer3
         self.res5 = trunk.layer4
         last = 16 if stride1_last_stage else 32
-        self.head = nn.Conv2d(2048, self.num_bins, 1)
+        self.head = nn.Conv2d(2048, self.head_channels(out_channels), 1)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self.stage_names = ("conv1", "maxpool", "res2", "res3", "res4", "res5")
@@ -70,9 +71,9 @@ class ResNet50Lab(Encoder):
 
 
 @register_model
-def resnet50_lab(stride1_last_stage: bool = True) -> ResNet50Lab:
+def resnet50_lab(stride1_last_stage: bool = True, out_channels: int = NUM_BINS) -> ResNet50Lab:
     """ResNet-50 colorization encoder on L (Goyal et al. 2019); res5 at stride 1 by default."""
-    return ResNet50Lab(stride1_last_stage=stride1_last_stage)
+    return ResNet50Lab(stride1_last_stage=stride1_last_stage, out_channels=out_channels)
 
 
 class _FullyConnectedMap(nn.Module):
