@@ -49,7 +49,8 @@ require_root() {
 }
 
 pid_alive() {  # pid_alive PIDFILE -> 0 when the process in PIDFILE is running
-    [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+    local pid
+    pid="$(cat "$1" 2>/dev/null)" && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
 munge_works() {
@@ -151,9 +152,22 @@ node_state() {
     sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1
 }
 
-wait_until_idle() {
+slurmd_start_time() {  # when the running slurmd registered with slurmctld, in seconds since the epoch
+    local stamp
+    stamp="$(scontrol show node "$NODE" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)"
+    date -d "$stamp" +%s 2>/dev/null || echo 0
+}
+
+wait_until_idle() {  # wait_until_idle [EPOCH]: also wait for a slurmd started at or after EPOCH to register
+    local registered_after="${1:-0}"
     local deadline=$(( $(date +%s) + START_TIMEOUT_S )) state resumed=0
     while [ "$(date +%s)" -lt "$deadline" ]; do
+        # slurmctld restores the node's last state from its state files before slurmd has registered.
+        if [ "$registered_after" -gt 0 ] && [ "$(slurmd_start_time)" -lt "$registered_after" ]; then
+            state="unregistered"
+            sleep 0.5
+            continue
+        fi
         state="$(node_state || true)"
         case "$state" in
             idle|mixed|allocated|completing)
@@ -200,11 +214,13 @@ start() {
         [ "$(date +%s)" -lt "$deadline" ] || die "slurmctld does not answer; see $STATE_DIR/log/slurmctld.log"
         sleep 0.5
     done
+    local slurmd_started=0
     if ! pid_alive "$SLURMD_PID"; then
         log "starting slurmd"
+        slurmd_started="$(date +%s)"
         SLURM_CONF="$CONF" slurmd -N "$NODE"
     fi
-    SLURM_CONF="$CONF" wait_until_idle
+    SLURM_CONF="$CONF" wait_until_idle "$slurmd_started"
     if [ "$CONF" != /etc/slurm/slurm.conf ]; then
         log "export SLURM_CONF=$CONF so that sinfo, sbatch and the tests find this cluster"
     fi
@@ -214,13 +230,13 @@ stop_daemon() {  # stop_daemon NAME PIDFILE
     local name="$1" pidfile="$2"
     if pid_alive "$pidfile"; then
         log "stopping $name"
-        kill "$(cat "$pidfile")" 2>/dev/null || true
+        kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
         for _ in $(seq 50); do
             pid_alive "$pidfile" || break
             sleep 0.2
         done
         if pid_alive "$pidfile"; then
-            kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+            kill -9 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
         fi
     fi
     rm -f "$pidfile"

@@ -94,7 +94,7 @@ def _expand_range_list(ranges: str, nodelist: str) -> list[str]:
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand a SLURM host list such as ``gpu[01-03,7],login-[1-2]-ib`` into host names, in order.
+    """Expand a SLURM host list such as ``gpu[01-03,7],rack[1-2]-n[1-4]`` into host names, in order.
 
     A pure-Python version of ``scontrol show hostnames``, used where scontrol is not installed.
     """

@@ -74,7 +74,7 @@ def ensure_builtin_photos(root: Path | None = None) -> Path:
         image = Image.fromarray(array)
         scale = 256 / min(image.size)
         image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.BICUBIC)
-        tmp = root / f".{name}.jpg.tmp"
+        tmp = root / f".{name}.{os.getpid()}.tmp"  # per process: concurrent jobs may build the cache together
         image.save(tmp, format="JPEG", quality=95)
         os.replace(tmp, root / f"{name}.jpg")
     marker.write_text("ok\n")
@@ -173,7 +173,7 @@ def ensure_builtin_imagefolder(root: Path | None = None) -> Path:
             rng = np.random.default_rng([split_index, label, 2016])
             for i in range(per_class):
                 image = Image.fromarray(render_shape_image(label, rng))
-                tmp = folder / f".{i:04d}.tmp"
+                tmp = folder / f".{i:04d}.{os.getpid()}.tmp"
                 image.save(tmp, format="JPEG", quality=92)
                 os.replace(tmp, folder / f"{name}_{i:04d}.jpg")
     marker.write_text("ok\n")
@@ -188,7 +188,7 @@ def builtin_pretrain_list(root: Path | None = None) -> Path:
     if not path.exists():
         names = sorted(str(p) for p in (shapes / "train").rglob("*.jpg")) + sorted(str(p) for p in photos.glob("*.jpg"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text("\n".join(names) + "\n")
         os.replace(tmp, path)
     return path
