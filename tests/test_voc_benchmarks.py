@@ -1,0 +1,307 @@
+"""The four VOC benchmarks end to end on a tiny VOCdevkit-format fixture (CPU), and their building blocks.
+
+The fixture holds every bad input of issue 5 (an image without annotation, an annotation naming an
+unknown class, an undecodable JPEG, a mask outside the palette): each run must finish, skip them and
+name them. Sizes and iteration counts are tiny; the numbers are only checked for shape and range.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from ssl_colorize.checkpoint import load_encoder
+from ssl_colorize.data.builtin_voc import make_voc_fixture
+from ssl_colorize.data.voc import VOC_CLASSES, load_main_split
+from ssl_colorize.models import create_model
+from ssl_colorize.results import load_published, paper_table, read_rows
+from ssl_colorize.voc_transfer import UntouchedGuard, resolve_input, to_model_input
+
+REPO = Path(__file__).resolve().parent.parent
+BAD = ("missing_annotation", "unknown_class", "corrupt_image", "bad_mask")
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"voc_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cls_bench = load_benchmark("voc_classification")
+det_bench = load_benchmark("voc_detection")
+seg_bench = load_benchmark("voc_segmentation")
+svm_bench = load_benchmark("voc_svm")
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_voc_fixture(tmp_path_factory.mktemp("vocdata"), n_trainval07=8, n_test07=6, n_train12=6, n_val12=4,
+                            image_size=(64, 96), sbd=True, n_sbd=4, bad=BAD)
+
+
+def common(voc, tmp_path, *extra):
+    return ["--data", str(voc.root), "--workers", "0", "--out", str(tmp_path / "run"),
+            "--out-csv", str(tmp_path / "voc.csv"), "--seed", "0", *map(str, extra)]
+
+
+def capture_encoder(monkeypatch, module):
+    """Wrap the benchmark's encoder loader: keep the encoder and a copy of every tensor at creation."""
+    captured = {}
+    original = module.load_transfer_encoder
+
+    def wrapper(*args, **kwargs):
+        encoder, name = original(*args, **kwargs)
+        captured["encoder"] = encoder
+        captured["before"] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        return encoder, name
+
+    monkeypatch.setattr(module, "load_transfer_encoder", wrapper)
+    return captured
+
+
+def changed_tensors(captured) -> set[str]:
+    after = captured["encoder"].state_dict()
+    return {k for k, v in captured["before"].items() if not torch.equal(v, after[k])}
+
+
+def check_rows(csv: Path, benchmark: str, metric: str, min_rows: int) -> pd.DataFrame:
+    rows = read_rows(csv)
+    assert len(rows) >= min_rows
+    assert set(rows["benchmark"]) == {benchmark}
+    main = rows[rows["metric"] == metric]
+    assert len(main) and main["value"].between(0, 100).all()
+    assert (rows["encoder"] == "alexnet_lab").all() and (rows["checkpoint"] == "random").all()
+    return rows
+
+
+def check_bad_inputs_reported(summary: dict, voc, expect: tuple[str, ...]) -> None:
+    text = json.dumps(summary)
+    for case in expect:
+        assert str(voc.bad_files[case]) in text, f"{case} not reported"
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification
+# ----------------------------------------------------------------------------------------------
+
+def test_classification_fc8_end_to_end_changes_no_encoder_tensor(voc, tmp_path, monkeypatch):
+    captured = capture_encoder(monkeypatch, cls_bench)
+    args = cls_bench.get_args_parser().parse_args(common(
+        voc, tmp_path, "--finetune", "fc8", "--iters", 2, "--batch-size", 4, "--test-crops", 2,
+        "--eval-batch-size", 6))
+    summary = cls_bench.main(args)
+    # --finetune fc8: not one encoder tensor moved, BatchNorm running statistics included
+    assert changed_tensors(captured) == set()
+    assert any("running_mean" in k for k in captured["before"])
+    rows = check_rows(tmp_path / "voc.csv", "voc_classification", "mAP", 4)
+    assert set(rows["protocol"]) == {"2crop", "center"} and set(rows["tap"]) == {"fc8"}
+    present = {m[3:] for m in rows["metric"] if m.startswith("AP_")}
+    assert present <= set(VOC_CLASSES) and present
+    assert summary["metrics"]["2crop"]["mAP"] == pytest.approx(
+        np.nanmean([summary["metrics"]["2crop"][f"AP_{c}"] for c in VOC_CLASSES]))
+    # (the undecodable JPEG is met only if a batch draws it: the SVM test, which reads every image, checks it)
+    check_bad_inputs_reported(summary, voc, ("missing_annotation", "unknown_class"))
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "log.txt").is_file()
+    assert str(voc.bad_files["unknown_class"]) in (tmp_path / "run" / "log.txt").read_text()
+    # the rows join the paper-style table beside the published ones
+    table = paper_table(rows, load_published(), benchmark="voc_classification", dataset="voc2007", metric="mAP")
+    assert {"published", "ours"} <= set(table["kind"]) and "fc8" in table.columns
+
+
+def test_classification_fc6_8_trains_only_fc6_and_fc7(voc, tmp_path, monkeypatch):
+    captured = capture_encoder(monkeypatch, cls_bench)
+    args = cls_bench.get_args_parser().parse_args(common(
+        voc, tmp_path, "--finetune", "fc6-8", "--iters", 1, "--batch-size", 4, "--test-crops", 1,
+        "--eval-batch-size", 6))
+    cls_bench.main(args)
+    changed = changed_tensors(captured)
+    assert {"fc6.conv.weight", "fc7.conv.weight"} <= changed
+    assert all(name.startswith(("fc6.conv.", "fc7.conv.")) for name in changed), changed  # BN frozen, convs untouched
+
+
+def test_guard_names_batchnorm_statistics_that_moved():
+    encoder = create_model("alexnet_lab", geometry="transfer")
+    guard = UntouchedGuard(encoder, allowed=["conv1.conv.weight"])
+    encoder.conv1.train()
+    encoder.forward_taps(torch.rand(2, 1, 227, 227) * 100, ["conv1"])
+    with pytest.raises(RuntimeError, match="conv1.bn.running_mean"):
+        guard.check("--finetune fc8")
+
+
+def test_inputs_follow_the_encoder():
+    lab = create_model("alexnet_lab")
+    rgb = create_model("alexnet_rgb_torchvision")
+    assert resolve_input(lab, "auto") == "L" and resolve_input(rgb, "auto") == "rgb"
+    assert resolve_input(rgb, "grey-rgb") == "grey"
+    with pytest.raises(ValueError, match="takes the L channel"):
+        resolve_input(lab, "rgb")
+    with pytest.raises(ValueError, match="takes RGB"):
+        resolve_input(rgb, "L")
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    grey = to_model_input(images, "grey")
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-5)
+    assert to_model_input(images, "L").shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("benchmark", ["voc_classification", "voc_detection", "voc_svm", "voc_segmentation"])
+def test_missing_split_is_a_value_error_before_any_work(benchmark, tmp_path):
+    voc = make_voc_fixture(tmp_path / "data", n_trainval07=2, n_test07=2, n_train12=2, n_val12=2,
+                           image_size=(32, 40), bad=("missing_split",))
+    module = {"voc_classification": cls_bench, "voc_detection": det_bench, "voc_svm": svm_bench,
+              "voc_segmentation": seg_bench}[benchmark]
+    extra = ["--eval-ids", str(tmp_path / "seg11valid.txt")] if benchmark == "voc_segmentation" else []
+    missing = "seg11valid.txt" if extra else str(voc.bad_files["missing_split"])
+    args = module.get_args_parser().parse_args(common(voc, tmp_path, "--iters", 1, *extra))
+    with pytest.raises(ValueError, match=missing):
+        module.main(args)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "voc.csv").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection
+# ----------------------------------------------------------------------------------------------
+
+def test_detection_end_to_end(voc, tmp_path):
+    args = det_bench.get_args_parser().parse_args(common(
+        voc, tmp_path, "--iters", 2, "--train-sizes", "64,80", "--test-size", 72, "--max-size", 128,
+        "--anchor-sizes", "16,32,64", "--rpn-train-proposals", 64, "--rpn-test-proposals", 32,
+        "--rois-per-image", 16, "--ap-metric", "area"))
+    summary = det_bench.main(args)
+    rows = check_rows(tmp_path / "voc.csv", "voc_detection", "mAP", 2)
+    assert set(rows["protocol"]) == {"faster_rcnn_area"} and set(rows["tap"]) == {"all"}
+    # one AP row per class that has a non-difficult object in the evaluated test images
+    test_records, _ = load_main_split(voc.root, 2007, "test")
+    with_objects = {VOC_CLASSES[label] for r in test_records for label, d in zip(r.labels, r.difficult) if not d}
+    assert {m[3:] for m in rows["metric"] if m.startswith("AP_")} == with_objects
+    check_bad_inputs_reported(summary, voc, ("missing_annotation", "unknown_class"))
+
+
+def test_detector_reuses_fc6_fc7_as_linear_box_head_and_identity_normalisation():
+    encoder = load_encoder("random", encoder="alexnet_lab", geometry="transfer")
+    backbone, pool, head, _ = det_bench.detector_parts(encoder)
+    assert backbone.out_channels == 256 and pool.output_size == (6, 6)
+    assert head.stages[0] is encoder.fc6 and head.stages[1] is encoder.fc7
+    with torch.no_grad():
+        encoder.fc6.bn.running_mean.normal_()
+        encoder.fc6.bn.running_var.uniform_(0.5, 2)
+        pooled = torch.randn(3, 256, 6, 6)
+        out = head(pooled)
+        # the same as Linear 9216 -> 4096 with fc6's convolution weights, then its (eval) BN and ReLU
+        conv, bn = encoder.fc6.conv, encoder.fc6.bn
+        linear = pooled.flatten(1) @ conv.weight.reshape(4096, -1).T + conv.bias
+        fc6 = torch.relu((linear - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps))
+        conv7, bn7 = encoder.fc7.conv, encoder.fc7.bn
+        fc7 = torch.relu((fc6 @ conv7.weight.reshape(4096, -1).T + conv7.bias - bn7.running_mean)
+                         / torch.sqrt(bn7.running_var + bn7.eps))
+    torch.testing.assert_close(out, fc7, rtol=1e-4, atol=1e-4)
+    args = det_bench.get_args_parser().parse_args([])
+    model, _ = det_bench.build_detector(encoder, args, det_bench.BUILTIN_SIZES)
+    assert model.transform.image_mean == [0.0] and model.transform.image_std == [1.0]
+    with pytest.raises(ValueError, match="supports"):
+        det_bench.detector_parts(create_model("colornet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation
+# ----------------------------------------------------------------------------------------------
+
+def test_segmentation_end_to_end_with_sbd_eval_ids_and_colour_input(voc, tmp_path):
+    val_ids = (voc.devkit / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    eval_ids = val_ids[:3]  # includes the two ids SBD shares with VOC2012 val
+    ids_file = tmp_path / "seg11valid.txt"
+    ids_file.write_text("\n".join(eval_ids) + "\n")
+    args = seg_bench.get_args_parser().parse_args(common(
+        voc, tmp_path, "--sbd", voc.root, "--eval-ids", ids_file, "--colour-input", "--iters", 2,
+        "--batch-size", 2, "--crop", 64))
+    summary = seg_bench.main(args)
+    rows = check_rows(tmp_path / "voc.csv", "voc_segmentation", "mIoU", 2)
+    assert set(rows["split"]) == {"seg11valid"} and set(rows["protocol"]) == {"fcn32s_colour_input"}
+    hparams = json.loads(rows["hparams"].iloc[0])
+    assert hparams["eval_images"] == 3
+    # training: VOC2012 train (one mask outside the palette skipped) + SBD minus the evaluation ids
+    voc_train = (voc.devkit / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    sbd_ids = set((voc.sbd / "train.txt").read_text().split()) | set((voc.sbd / "val.txt").read_text().split())
+    expected = (len(voc_train) - 1) + len(sbd_ids - set(eval_ids) - set(voc_train))
+    assert hparams["train_images"] == expected
+    check_bad_inputs_reported(summary, voc, ("bad_mask",))
+
+
+def test_feature_geometry_by_hand():
+    alexnet = create_model("alexnet_lab", geometry="transfer")
+    # fc7 cell i is centred on input pixel 113 + 32 i (conv1 5, pool1 +4, pool2 +8, pool5 +16, fc6 +80)
+    assert seg_bench.feature_geometry(alexnet, "fc7") == ((113.0, 113.0), 32)
+    assert seg_bench.feature_geometry(alexnet, "conv5") == ((17.0, 17.0), 16)
+    tv = create_model("alexnet_rgb_torchvision")  # conv1 pad 2: 3, pool1 +4, pool2 +8
+    assert seg_bench.feature_geometry(tv, "conv5") == ((15.0, 15.0), 16)
+    assert seg_bench.seg_tap(alexnet) == "fc7" and seg_bench.seg_tap(tv) == "conv5"
+
+
+class _CellIndex(nn.Module):
+    """A stand-in score layer whose output at cell (i, j) is j (checks the upsampling's alignment)."""
+
+    def forward(self, features):
+        n, _, h, w = features.shape
+        self.cells = w
+        return torch.arange(w, dtype=torch.float32).expand(n, 1, h, w).contiguous()
+
+
+def test_fcn_upsampling_samples_each_pixel_at_its_receptive_field_centre():
+    encoder = create_model("alexnet_lab", geometry="transfer").eval()
+    model = seg_bench.FCN32s(encoder, "fc7", pad=100, pad_values=(50.0,), dropout=0.0).eval()
+    model.score = _CellIndex()
+    width = 300
+    with torch.no_grad():
+        out = model(torch.full((1, 1, 40, width), 50.0))[0, 0, 0]
+    assert model.score.cells == 10  # 500 padded pixels -> conv1 123 -> pool1 61 -> pool2 30 -> pool5 15 -> fc6 10
+    expected = np.clip((np.arange(width) + 100 - 113) / 32, 0, model.score.cells - 1)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear SVMs
+# ----------------------------------------------------------------------------------------------
+
+def test_svm_end_to_end_with_feature_cache(voc, tmp_path, monkeypatch):
+    argv = common(voc, tmp_path, "--taps", "conv1,conv5", "--costs", "0.1,10", "--batch-size", 8)
+    summary = svm_bench.main(svm_bench.get_args_parser().parse_args(argv))
+    rows = check_rows(tmp_path / "voc.csv", "voc_svm", "mAP", 2)
+    maps = rows[rows["metric"] == "mAP"]
+    assert list(maps["tap"]) == ["conv1", "conv5"]
+    dims = {tap: json.loads(h)["dims"] for tap, h in zip(maps["tap"], maps["hparams"])}
+    assert dims == {"conv1": 96 * 10 * 10, "conv5": 256 * 6 * 6}  # PROTOCOL.md section 4 pooling
+    cached = sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npz"))
+    assert len(cached) == 4  # (trainval, test) x (conv1, conv5)
+    check_bad_inputs_reported(summary, voc, ("missing_annotation", "unknown_class", "corrupt_image"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("features should have come from the cache")
+
+    monkeypatch.setattr(svm_bench, "extract_features", refuse)
+    again = svm_bench.main(svm_bench.get_args_parser().parse_args(argv))
+    assert again["metrics"]["conv5"]["mAP"] == pytest.approx(summary["metrics"]["conv5"]["mAP"])
+
+
+def test_svm_cost_is_chosen_as_sklearn_cross_validation_would():
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(45, 12))
+    y = np.where(x[:, 0] + 0.7 * rng.normal(size=45) > 0.4, 1, -1)
+    costs = [1e-4, 1e-2, 1.0, 100.0]
+    best, info = svm_bench.choose_cost(x, y, costs, folds=3, fallback=1.0, max_iter=5000, seed=0)
+    reference = {}
+    for c in costs:
+        svm = LinearSVC(C=c, class_weight={1: 2, -1: 1}, dual=True, max_iter=5000, random_state=0)
+        reference[c] = cross_val_score(svm, x, y, cv=StratifiedKFold(3), scoring="average_precision").mean()
+    for c in costs:
+        assert info["cv_ap"][c] == pytest.approx(reference[c], abs=1e-9)
+    assert best == max(costs, key=lambda c: (reference[c], -costs.index(c)))
