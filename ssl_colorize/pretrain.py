@@ -126,7 +126,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cpus - 1))")
     p.add_argument("--ckpt-every", type=int, default=None, help="rolling checkpoint + preview every N steps")
     p.add_argument("--snapshot-every", type=int, default=None, help="keep a snapshot every N steps")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="log the mean loss and the rate every N steps")
     p.add_argument("--preview-count", type=int, default=8, help="held-out images in each preview PNG")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after this step, as if killed (checkpoint written); for tests and time-sliced jobs")
@@ -507,6 +507,9 @@ def main(args: argparse.Namespace) -> dict:
     train_model.train()
     last_time, images_since = time.perf_counter(), 0
     last_loss = float("nan")
+    # The logged loss is the mean over the steps since the last log line (summed on the device, read
+    # once per line: no per-step host sync).
+    loss_sum, loss_steps = torch.zeros((), device=device), 0
     stop_at = min(cfg["steps"], args.stop_after) if args.stop_after is not None else cfg["steps"]
     while step < stop_at:
         sampler.set_position(epoch, batch_in_epoch)
@@ -533,13 +536,16 @@ def main(args: argparse.Namespace) -> dict:
             scheduler.step()
             step += 1
             images_since += batch.images.shape[0] * world
+            loss_sum += loss.detach().float()
+            loss_steps += 1
             bar.update(1)
             if step % args.log_every == 0 or step == stop_at:
-                last_loss = float(loss.detach())
                 if world > 1:
-                    t = torch.tensor([last_loss], device=device)
-                    torch.distributed.all_reduce(t)
-                    last_loss = float(t) / world
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
+                last_loss = float(loss_sum) / loss_steps
+                loss_sum.zero_()
+                loss_steps = 0
                 now = time.perf_counter()
                 rate = images_since / (now - last_time)
                 last_time, images_since = now, 0

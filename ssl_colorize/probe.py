@@ -1,0 +1,470 @@
+"""Frozen-layer linear probes (PROTOCOL.md section 4): the library half of ``benchmarks/linear_probe.py``.
+
+One frozen forward pass of the encoder per batch feeds one classifier per tap; each classifier is
+*pool to about 9k dims -> BatchNorm1d without affine -> Linear(num_classes)* and the taps' losses are
+summed, so all taps train at once (the protocol's "one pass" design, as in VISSL / Goyal et al.).
+
+Pooling (PROTOCOL.md section 4; the published numbers differ between the variants, so the probe
+records which one ran):
+
+* ``avg``: average pooling with fixed kernels. The grid per tap comes from its channel count
+  (:func:`probe_grid`: about 9216 dims) and the kernel / stride from :func:`avg_pool_geometry`, a rule
+  that reproduces Goyal et al.'s fixed kernels for AlexNet at 227 (conv1 k19 s4 -> 10x10, conv2 k12 s3
+  -> 6x6, conv3 / conv4 k9 s1 -> 5x5, conv5 k8 s1 -> 6x6: 9600, 9216, 9600, 9600, 9216 dims) and
+  gives the ResNet-50 grids of Goyal et al. (conv1 12x12, res2 6x6, res3 4x4, res4 3x3, res5 2x2).
+* ``bilinear``: the map is bilinearly resized to the same grid (the split-brain paper's released
+  scripts); point-sampled interpolation without a prefilter, as Caffe's interpolation layers do.
+* ``max``: max pooling to the same grid (DeepCluster-style code). Adaptive windows, so every pixel of
+  the map falls in a window; DeepCluster's fixed kernels give the same grids at 224 / 227.
+
+Frozen means frozen (DESIGN.md, "Contracts"): the encoder stays in eval mode (BatchNorm statistics
+do not move), its parameters do not require gradients, its forward runs under ``torch.no_grad``, and
+:class:`FrozenEncoderGuard` compares every encoder tensor (parameters and buffers) with a snapshot
+taken before training, raising RuntimeError naming the tensors that changed.
+
+The released AlexNet is probed with BatchNorm folded into the convolutions and Krähenbühl rescaling
+(PROTOCOL.md section 3). Neither changes a probe's result here: a no-affine BatchNorm in eval mode is
+the per-channel affine map the fold would put into the convolution, and a positive per-layer scale is
+removed by the probe's own BatchNorm1d. The probe therefore uses the encoder as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from ssl_colorize.color import lab_to_rgb, rgb_to_lab
+from ssl_colorize.data.images import Sample, SkippedFile
+from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
+
+#: Features per tap after pooling: "about 9k dims" (PROTOCOL.md section 4); 9216 = 256 x 6 x 6.
+TARGET_DIMS = 9216
+POOL_MODES = ("avg", "bilinear", "max")
+#: How the encoder's input is formed from an RGB crop. "auto": L for L encoders, RGB for RGB
+#: encoders; "rgb": RGB in [0, 1] (RGB encoders only); "grey": the crop's L channel shown as neutral
+#: grey RGB (a = b = 0), for an RGB encoder seeing exactly the information an L encoder sees.
+INPUT_MODES = ("auto", "rgb", "grey")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling geometry
+# ----------------------------------------------------------------------------------------------
+
+def probe_grid(channels: int, map_size: Sequence[int], target_dims: int = TARGET_DIMS) -> tuple[int, int]:
+    """The pooled grid of a tap: side round(sqrt(target_dims / channels)), at most the map's size.
+
+    For AlexNet (96, 256, 384, 384, 256 channels) this is 10, 6, 5, 5, 6, the PROTOCOL.md section 4
+    table; for ResNet-50 (64, 256, 512, 1024, 2048) 12, 6, 4, 3, 2, Goyal et al.'s grids.
+    """
+    if channels <= 0:
+        raise ValueError(f"probe_grid: channels must be positive, got {channels}")
+    side = max(1, math.floor(math.sqrt(target_dims / channels) + 0.5))
+    height, width = int(map_size[0]), int(map_size[1])
+    return min(side, height), min(side, width)
+
+
+def avg_pool_geometry(size: int, grid: int) -> tuple[int, int]:
+    """(kernel, stride) of an average pooling taking a side of ``size`` to ``grid`` outputs.
+
+    stride = max(1, ceil(size / grid) - 2) and kernel = size - (grid - 1) * stride: overlapping windows
+    that together cover the whole map, the last one ending on its border. This reproduces Goyal et
+    al.'s fixed AlexNet kernels at 227 (55 -> 10: k19 s4; 27 -> 6: k12 s3; 13 -> 5: k9 s1;
+    13 -> 6: k8 s1). ``grid == size`` is the identity (k1 s1).
+    """
+    if not 1 <= grid <= size:
+        raise ValueError(f"avg_pool_geometry: grid {grid} must lie in [1, {size}] for a map side of {size}")
+    if grid == size:
+        return 1, 1
+    stride = max(1, math.ceil(size / grid) - 2)
+    kernel = size - (grid - 1) * stride
+    return kernel, stride
+
+
+class TapPool(nn.Module):
+    """Reduce a (N, C, H, W) tap to (N, C, gh, gw) by ``mode`` in {"avg", "bilinear", "max"}."""
+
+    def __init__(self, mode: str, map_size: Sequence[int], grid: Sequence[int]) -> None:
+        super().__init__()
+        if mode not in POOL_MODES:
+            raise ValueError(f"pool must be one of {POOL_MODES}, got {mode!r}")
+        self.mode = mode
+        self.map_size = (int(map_size[0]), int(map_size[1]))
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.kernel: tuple[int, int] | None = None
+        self.stride: tuple[int, int] | None = None
+        if mode == "avg":
+            (kh, sh), (kw, sw) = (avg_pool_geometry(n, g) for n, g in zip(self.map_size, self.grid))
+            self.kernel, self.stride = (kh, kw), (sh, sw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.map_size:
+            raise ValueError(
+                f"TapPool built for {self.map_size[0]}x{self.map_size[1]} maps got {x.shape[-2]}x{x.shape[-1]}: "
+                "train and test crops must have the same size"
+            )
+        if self.mode == "avg":
+            return F.avg_pool2d(x, self.kernel, self.stride)
+        if self.mode == "bilinear":
+            return F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=False)
+        return F.adaptive_max_pool2d(x, self.grid)
+
+    def describe(self) -> dict:
+        out = {"pool": self.mode, "map": list(self.map_size), "grid": list(self.grid)}
+        if self.kernel is not None:
+            out.update(kernel=list(self.kernel), stride=list(self.stride))
+        return out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
+
+
+class ProbeHead(nn.Module):
+    """One tap's linear classifier: pool -> flatten -> BatchNorm1d(affine=False) -> Linear.
+
+    The Linear starts from N(0, 0.01) weights and zero bias (Goyal et al.'s linear heads).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        map_size: Sequence[int],
+        num_classes: int,
+        pool: str = "avg",
+        target_dims: int = TARGET_DIMS,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a linear probe needs at least 2 classes, got {num_classes}")
+        grid = probe_grid(channels, map_size, target_dims)
+        self.channels = int(channels)
+        self.pool = TapPool(pool, map_size, grid)
+        self.feature_dim = self.channels * grid[0] * grid[1]
+        self.bn = nn.BatchNorm1d(self.feature_dim, affine=False)
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled, flattened features (before the BatchNorm): (N, feature_dim)."""
+        return torch.flatten(self.pool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.features(x)))
+
+    def describe(self) -> dict:
+        return {**self.pool.describe(), "channels": self.channels, "feature_dim": self.feature_dim}
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen-encoder guard
+# ----------------------------------------------------------------------------------------------
+
+def _encoder_tensors(encoder: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer (BatchNorm statistics included) under its qualified name."""
+    yield from encoder.named_parameters(remove_duplicate=False)
+    yield from encoder.named_buffers(remove_duplicate=False)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of shape, dtype and values, where NaN equals NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if a.is_floating_point():
+        nan_a, nan_b = a.isnan(), b.isnan()
+        return torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b])
+    return False
+
+
+class FrozenEncoderGuard:
+    """Snapshot every tensor of an encoder now; :meth:`check` raises if any has changed since.
+
+    The snapshot is a copy on the tensors' own device, so the comparison is exact (NaN equals NaN).
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        self.snapshot = {name: t.detach().clone() for name, t in _encoder_tensors(encoder)}
+
+    def changed(self) -> list[str]:
+        """Names of the tensors that differ from the snapshot (value, shape or dtype), or appeared / vanished."""
+        current = dict(_encoder_tensors(self.encoder))
+        names = set(current) ^ set(self.snapshot)
+        names.update(
+            name for name, before in self.snapshot.items() if name in current and not _same(current[name].detach(), before)
+        )
+        return sorted(names)
+
+    def check(self) -> None:
+        """Raise RuntimeError naming the encoder tensors that changed since the snapshot."""
+        changed = self.changed()
+        if changed:
+            shown = ", ".join(changed[:12]) + (f", ... ({len(changed)} in all)" if len(changed) > 12 else "")
+            raise RuntimeError(
+                f"the frozen encoder changed during probe training: {shown}. A probe must leave the encoder "
+                "untouched (eval mode, no gradients, no optimizer); its results are void"
+            )
+
+    def fingerprint(self) -> str:
+        """A SHA-256 over the snapshot (names and bytes): identifies the exact encoder across a resume."""
+        digest = hashlib.sha256()
+        for name in sorted(self.snapshot):
+            tensor = self.snapshot[name].detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and tap shapes
+# ----------------------------------------------------------------------------------------------
+
+def resolve_input_mode(encoder: nn.Module, input_mode: str = "auto") -> str:
+    """The effective input mode for ``encoder``: "L", "rgb" or "grey" (see INPUT_MODES)."""
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"input mode must be one of {INPUT_MODES}, got {input_mode!r}")
+    space = getattr(encoder, "input_space", None)
+    if space not in ("L", "rgb"):
+        raise ValueError(f"{type(encoder).__name__} declares no input_space ('L' or 'rgb')")
+    if space == "L":
+        if input_mode not in ("auto",):
+            raise ValueError(f"input mode {input_mode!r} is for RGB encoders; {type(encoder).__name__} takes L")
+        return "L"
+    return "rgb" if input_mode == "auto" else input_mode
+
+
+def encoder_input(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """uint8 (N, 3, H, W) RGB crops -> the encoder's input.
+
+    "L": the L channel of Lab, (N, 1, H, W) in [0, 100] (ssl_colorize.color.rgb_to_lab);
+    "rgb": RGB in [0, 1]; "grey": the L channel turned back into neutral grey RGB.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    rgb = images.float() / 255.0
+    if mode == "rgb":
+        return rgb
+    lightness = rgb_to_lab(rgb, validate=False)[:, :1]
+    if mode == "L":
+        return lightness
+    if mode == "grey":
+        lab = torch.cat((lightness, torch.zeros_like(lightness).expand(-1, 2, -1, -1)), 1)
+        # Neutral Lab is R = G = B up to float rounding of the colour matrices; make it exact.
+        return lab_to_rgb(lab, validate=False).mean(1, keepdim=True).repeat(1, 3, 1, 1)
+    raise ValueError(f"unknown input mode {mode!r}; expected 'L', 'rgb' or 'grey'")
+
+
+@torch.no_grad()
+def tap_shapes(encoder: nn.Module, taps: Iterable[str], crop: int, input_mode: str = "L") -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each tap for a ``crop`` x ``crop`` input, from one dry forward in eval mode.
+
+    Raises ValueError when the crop is too small for the encoder to reach a requested tap.
+    """
+    taps = list(taps)
+    first = next(iter(encoder.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    probe_images = torch.zeros(1, 3, crop, crop, dtype=torch.uint8, device=device)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        maps = encoder.forward_taps(encoder_input(probe_images, input_mode), taps)
+    except RuntimeError as exc:  # a map that shrank to nothing under a kernel
+        raise ValueError(f"crop {crop} is too small for {type(encoder).__name__} to reach taps {taps}: {exc}") from exc
+    finally:
+        encoder.train(was_training)
+    return {name: tuple(int(s) for s in m.shape[1:]) for name, m in maps.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# All taps in one pass
+# ----------------------------------------------------------------------------------------------
+
+class MultiTapProbe(nn.Module):
+    """A frozen encoder and one :class:`ProbeHead` per tap, trained together from one forward pass.
+
+    ``self.heads`` holds everything that trains (its state_dict is the probe's checkpoint); the
+    encoder is a submodule so ``.to(device)`` moves it, but ``train()`` keeps it in eval mode and its
+    parameters never require gradients.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        taps: Iterable[str],
+        num_classes: int,
+        crop: int,
+        pool: str = "avg",
+        input_mode: str = "auto",
+        target_dims: int = TARGET_DIMS,
+    ) -> None:
+        super().__init__()
+        if pool not in POOL_MODES:
+            raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+        self.encoder = encoder.eval()
+        self.encoder.requires_grad_(False)
+        self.taps = encoder.resolve_taps(list(taps))
+        self.input_mode = resolve_input_mode(encoder, input_mode)
+        self.crop = int(crop)
+        self.pool_mode = pool
+        self.num_classes = int(num_classes)
+        self.shapes = tap_shapes(encoder, self.taps, self.crop, self.input_mode)
+        self.heads = nn.ModuleDict(
+            {
+                tap: ProbeHead(c, (h, w), num_classes, pool=pool, target_dims=target_dims)
+                for tap, (c, h, w) in self.shapes.items()
+            }
+        )
+
+    def train(self, mode: bool = True) -> "MultiTapProbe":
+        """Heads follow ``mode``; the encoder stays in eval mode (its BatchNorm statistics must not move)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def describe(self) -> dict[str, dict]:
+        """Per tap: map shape, pooling (grid, kernel, stride) and feature dimension."""
+        return {tap: head.describe() for tap, head in self.heads.items()}
+
+    def encoder_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (N, 3, H, W) crops -> the requested tap maps, from one frozen forward pass."""
+        with torch.no_grad():
+            return self.encoder.forward_taps(encoder_input(images, self.input_mode), self.taps)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 crops -> tap name -> (N, num_classes) logits."""
+        maps = self.encoder_features(images)
+        return {tap: self.heads[tap](maps[tap]) for tap in self.taps}
+
+    def training_step(
+        self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> dict[str, dict[str, float]]:
+        """One SGD step on the sum of the taps' cross-entropies; per tap: loss and correct count."""
+        logits = self(images)
+        losses = {tap: F.cross_entropy(out, labels) for tap, out in logits.items()}
+        optimizer.zero_grad(set_to_none=True)
+        torch.stack(list(losses.values())).sum().backward()
+        optimizer.step()
+        return {
+            tap: {"loss": float(losses[tap].detach()), "correct": int((out.argmax(1) == labels).sum())}
+            for tap, out in logits.items()
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    probe: MultiTapProbe,
+    batches: Iterable,
+    device: torch.device | str,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Top-1 and top-5 accuracy (percent) of every head on ``batches`` of centre crops.
+
+    ``batches`` yields :class:`ssl_colorize.data.Batch` objects (``images`` uint8, ``labels``). With
+    fewer than 5 classes "top5" is top-k for k = the number of classes (then 100%). Returns
+    ``{tap: {"top1", "top5", "n", "loss"}}``.
+    """
+    from tqdm import tqdm
+
+    probe.eval()
+    k = min(5, probe.num_classes)
+    correct1 = {tap: 0 for tap in probe.taps}
+    correct5 = {tap: 0 for tap in probe.taps}
+    loss_sum = {tap: 0.0 for tap in probe.taps}
+    seen = 0
+    total = None if max_batches is None else max_batches
+    bar = tqdm(batches, desc="eval", total=total, disable=not progress, leave=False, unit="batch",
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    for index, batch in enumerate(bar):
+        if max_batches is not None and index >= max_batches:
+            break
+        if batch.labels.numel() == 0:
+            continue
+        images = batch.images.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        for tap, out in probe(images).items():
+            top = out.topk(k, dim=1).indices
+            hits = top == labels[:, None]
+            correct1[tap] += int(hits[:, 0].sum())
+            correct5[tap] += int(hits.any(1).sum())
+            loss_sum[tap] += float(F.cross_entropy(out, labels, reduction="sum"))
+        seen += labels.numel()
+    if seen == 0:
+        raise ValueError("evaluation saw no decodable image")
+    return {
+        tap: {
+            "top1": 100.0 * correct1[tap] / seen,
+            "top5": 100.0 * correct5[tap] / seen,
+            "loss": loss_sum[tap] / seen,
+            "n": seen,
+        }
+        for tap in probe.taps
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactly resumable training data
+# ----------------------------------------------------------------------------------------------
+
+def _derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededTrainCrops(Dataset):
+    """Random crop + mirror of every image, drawn from a generator seeded by (seed, epoch, index).
+
+    The same crops as :class:`ssl_colorize.data.TrainTransform` (resize the shorter side, then
+    :func:`random_crop_flip`), but each sample's randomness depends only on its index and the epoch,
+    not on worker processes or the global RNG: a run resumed mid-epoch sees exactly the crops the
+    uninterrupted run saw, whatever ``--workers`` is. Call :meth:`set_epoch` before each epoch.
+    ``base`` is an :class:`ssl_colorize.data.ImageFiles` without a transform.
+    """
+
+    def __init__(self, base: Dataset, crop: int, resize: int | None, seed: int) -> None:
+        self.base, self.crop, self.resize, self.seed = base, int(crop), resize, int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        item = self.base[index]
+        if isinstance(item, SkippedFile):
+            return item
+        generator = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch, index))
+        image = resize_shorter(item.image, self.resize) if self.resize else item.image
+        return Sample(random_crop_flip(image, self.crop, generator=generator), item.label, item.index)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of range(n) fixed by (seed, epoch), started at position ``start``.
+
+    Resuming mid-epoch with ``start = batches_done * batch_size`` continues the same order.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.start = int(n), int(seed), int(epoch), int(start)
+
+    def order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch, -1))
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)

@@ -1,0 +1,196 @@
+"""Result rows and tables: concurrent merging, the published numbers, the paper-style pivot, the CLI."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ssl_colorize import results
+
+REPO = Path(__file__).resolve().parent.parent
+TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+def _row(run_id="r", tap="conv1", value=1.0, metric="top1", dataset="imagenet", checkpoint="random",
+         encoder="alexnet_lab", protocol="linear-avg", seed=0, benchmark="linear_probe", **extra):
+    return results.make_row(run_id=run_id, benchmark=benchmark, checkpoint=checkpoint, encoder=encoder, tap=tap,
+                            dataset=dataset, split="val", protocol=protocol, metric=metric, value=value, seed=seed,
+                            hparams={"lr": 0.01}, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many writers, one file
+# ----------------------------------------------------------------------------------------------
+
+def _writer(csv_path: str, worker: int, appends: int) -> None:
+    for i in range(appends):
+        results.append_rows(csv_path, [_row(run_id=f"w{worker}-{i}", tap=t, value=worker + i / 100) for t in ("conv1", "conv2")])
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    csv_path = tmp_path / "merged.csv"
+    workers, appends = 4, 15
+    context = mp.get_context("fork")
+    processes = [context.Process(target=_writer, args=(str(csv_path), w, appends)) for w in range(workers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    table = results.read_rows(csv_path)
+    assert len(table) == workers * appends * 2
+    expected = {(f"w{w}-{i}", t) for w in range(workers) for i in range(appends) for t in ("conv1", "conv2")}
+    assert set(zip(table["run_id"], table["tap"])) == expected
+    for _, row in table.iterrows():  # every value intact, next to its own run id
+        worker, index = row["run_id"][1:].split("-")
+        assert row["value"] == pytest.approx(int(worker) + int(index) / 100)
+    assert csv_path.read_text().count("run_id,benchmark") == 1  # one header
+
+
+# ----------------------------------------------------------------------------------------------
+# The published numbers (PROTOCOL.md sections 4-6, transcribed)
+# ----------------------------------------------------------------------------------------------
+
+# PROTOCOL.md section 4, "As published" (AlexNet, top-1, conv1..conv5).
+PROTOCOL_IMAGENET = {
+    "colorization (Zhang et al. 2016)": "12.5 24.5 30.4 31.5 30.3",
+    "colorization (Zhang et al. 2016), other version": "13.1 24.8 31.0 32.6 31.8",
+    "ImageNet labels": "19.3 36.3 44.2 48.3 50.5",
+    "random (Gaussian)": "11.6 17.1 16.9 16.3 14.1",
+    "k-means init (Krahenbuhl et al. 2016)": "17.5 23.0 24.5 23.2 20.6",
+    "context (Doersch et al. 2015)": "16.2 23.3 30.2 31.7 29.6",
+    "context encoder (Pathak et al. 2016)": "14.1 20.7 21.0 19.8 15.5",
+    "BiGAN (Donahue et al. 2017)": "17.7 24.5 31.0 29.9 28.0",
+    "jigsaw (Noroozi & Favaro 2016)": "18.2 28.8 34.0 33.9 27.1",
+    "split-brain (Zhang et al. 2017)": "17.7 29.3 35.4 35.2 32.8",
+}
+PROTOCOL_PLACES = {
+    "colorization (Zhang et al. 2016)": "16.0 25.7 29.6 30.3 29.7",
+    "Places labels": "22.1 35.1 40.2 43.3 44.6",
+    "ImageNet labels": "22.7 34.8 38.4 39.4 38.7",
+    "random (Gaussian)": "15.7 20.3 19.8 19.1 17.5",
+}
+
+
+def test_published_csv_holds_every_protocol_number_with_a_source():
+    published = results.load_published()
+    assert list(published.columns) == results.PUBLISHED_COLUMNS
+    assert (published["source"].str.len() > 20).all() and (published["tag"].str.len() > 0).all()
+    assert published["value"].dtype.kind == "f"
+    for dataset, expected in (("imagenet", PROTOCOL_IMAGENET), ("places205", PROTOCOL_PLACES)):
+        rows = published.query("benchmark == 'linear_probe' and dataset == @dataset and tap != 'best'")
+        assert set(rows["method"]) == set(expected)
+        for method, numbers in expected.items():
+            got = rows[rows["method"] == method].set_index("tap")["value"]
+            assert [got[t] for t in TAPS] == [float(v) for v in numbers.split()], method
+    best = published.query("tap == 'best'").set_index("encoder")["value"]
+    assert best.to_dict() == {"alexnet": 30.39, "resnet50": 40.11}
+    # Section 5: classification fc8 / fc6-8 / all, detection, segmentation.
+    cls = published.query("benchmark == 'voc_classification'")
+    colorization = cls[cls["method"] == "colorization (Zhang et al. 2016)"].set_index("tap")["value"]
+    assert colorization.to_dict() == {"fc8": 52.4, "fc6-8": 61.5, "all": 65.9}
+    det = published.query("benchmark == 'voc_detection'").set_index("method")["value"]
+    assert det["ImageNet labels"] == 56.8 and det["random (Gaussian)"] == 43.4 and len(det) == 5
+    seg = published.query("benchmark == 'voc_segmentation'").set_index("method")["value"]
+    assert seg["k-means init (Krahenbuhl et al. 2016)"] == 32.6 and len(seg) == 5
+    # Section 6: 6 methods x 4 metrics, less grey's missing study score.
+    quality = published.query("benchmark == 'colorization_quality'")
+    assert len(quality) == 6 * 4 - 1
+    full = quality[quality["method"] == "classification + rebalancing (full)"].set_index("metric")["value"]
+    assert full.to_dict() == {"auc_raw": 89.5, "auc_rebalanced": 67.3, "vgg16_top1": 56.0, "amt_fooled": 32.3}
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper-style table
+# ----------------------------------------------------------------------------------------------
+
+def _ours_frame() -> pd.DataFrame:
+    rows = []
+    for seed, offset in ((0, 0.0), (1, 2.0)):  # two seeds of the random baseline
+        rows += [_row(run_id=f"rand{seed}", tap=t, value=10.0 + i + offset, seed=seed) for i, t in enumerate(TAPS)]
+    # The pretrained run lacks conv1 and has a duplicated (re-appended) conv3 row: the latest one counts.
+    rows += [_row(run_id="pre", tap=t, value=20.0 + i, checkpoint="runs/a/checkpoint.pth") for i, t in enumerate(TAPS[1:], 1)]
+    rows += [_row(run_id="pre", tap="conv3", value=99.0, checkpoint="runs/a/checkpoint.pth",
+                  time="2099-01-01T00:00:00+00:00")]
+    rows += [_row(run_id="pre", tap="conv2", value=70.0, metric="top5", checkpoint="runs/a/checkpoint.pth")]
+    rows += [_row(run_id="other", tap="conv2", value=1.0, dataset="places205")]
+    frame = pd.DataFrame([vars(r) for r in rows])
+    return frame.sample(frac=1.0, random_state=0).reset_index(drop=True)  # order must not matter
+
+
+def test_table_pivots_ours_beside_the_published():
+    published = results.load_published()
+    table = results.paper_table(_ours_frame(), published, benchmark="linear_probe", dataset="imagenet", metric="top1")
+    assert list(table.columns) == ["method", "kind", "protocol", *TAPS, "best", "runs"]
+    # Published rows first, in the published table's order, with their numbers.
+    kinds = list(table["kind"])
+    assert kinds == ["published"] * 12 + ["ours"] * 2
+    first = table.iloc[0]
+    assert first["method"] == "colorization (Zhang et al. 2016)"
+    assert [first[t] for t in TAPS] == [12.5, 24.5, 30.4, 31.5, 30.3]
+    ours = table[table["kind"] == "ours"].set_index("method")
+    rand = ours.loc["ours: alexnet_lab random"]
+    # Mean of the two seeds: 10 + i + 1.
+    assert [rand[t] for t in TAPS] == [11.0, 12.0, 13.0, 14.0, 15.0] and rand["runs"] == 2
+    pre = ours.loc["ours: alexnet_lab runs/a/checkpoint.pth"]
+    assert np.isnan(pre["conv1"]) and pre["conv2"] == 21.0 and pre["conv3"] == 99.0 and pre["runs"] == 1
+    assert rand["protocol"] == "linear-avg"
+    # Other metric and dataset stay out; the top-5 table has only ours.
+    top5 = results.paper_table(_ours_frame(), published, benchmark="linear_probe", dataset="imagenet", metric="top5")
+    assert list(top5["method"]) == ["ours: alexnet_lab runs/a/checkpoint.pth"] and top5.iloc[0]["conv2"] == 70.0
+
+
+def test_tables_cover_each_benchmark_dataset_metric_and_single_tap_benchmarks_pivot_on_metrics():
+    ours = pd.DataFrame([vars(_row(run_id="d", tap="all", metric="mAP", value=40.0, dataset="voc2007",
+                                   benchmark="voc_detection"))])
+    ours = pd.concat([ours, _ours_frame()], ignore_index=True)
+    tables = dict(results.paper_tables(ours, results.load_published(), reference=False))
+    assert set(tables) == {"voc_detection | voc2007", "linear_probe | imagenet | top1", "linear_probe | imagenet | top5",
+                           "linear_probe | places205 | top1"}
+    det = tables["voc_detection | voc2007"]
+    assert value_cols(det) == ["mAP"]
+    assert det.set_index("method").loc["ours: alexnet_lab random", "mAP"] == 40.0
+    with_reference = dict(results.paper_tables(ours[ours["dataset"] == "voc2007"], results.load_published()))
+    # The same benchmark's published tables on other datasets are not invented; voc_detection has only voc2007.
+    assert set(with_reference) == {"voc_detection | voc2007"}
+    builtin = pd.DataFrame([vars(_row(run_id="b", tap=t, dataset="builtin-shapes")) for t in TAPS])
+    shown = [title for title, _ in results.paper_tables(builtin, results.load_published())]
+    assert shown == ["linear_probe | builtin-shapes | top1", "linear_probe | imagenet | top1 (published)",
+                     "linear_probe | places205 | top1 (published)"]
+
+
+def value_cols(table):
+    return results.value_columns(table)
+
+
+def test_format_table_shows_dashes_for_missing_numbers():
+    table = results.paper_table(_ours_frame(), None, benchmark="linear_probe", dataset="imagenet", metric="top1")
+    text = results.format_table(table, "title")
+    lines = text.splitlines()
+    assert lines[0] == "title"
+    row = next(line for line in lines if line.startswith("ours: alexnet_lab runs/a"))
+    assert row.split()[-6:] == ["-", "21.0", "99.0", "23.0", "24.0", "1"]
+
+
+def test_cli_prints_the_table_and_draws_the_plot(tmp_path, capsys):
+    csv_path = tmp_path / "rows.csv"
+    results.append_rows(csv_path, [_row(run_id="x", tap=t, value=5.0 * (i + 1)) for i, t in enumerate(TAPS)])
+    png = tmp_path / "layers.png"
+    assert results.cli([str(csv_path), "--benchmark", "linear_probe", "--dataset", "imagenet", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "linear_probe | imagenet | top1" in out
+    assert "ours: alexnet_lab random" in out and "split-brain (Zhang et al. 2017)" in out
+    assert "5.0   10.0   15.0   20.0   25.0" in out
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    # The module entry point (python -m ssl_colorize.results) and the filters.
+    done = subprocess.run([sys.executable, "-m", "ssl_colorize.results", str(csv_path), "--no-published"],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    assert "ours: alexnet_lab random" in done.stdout and "Zhang" not in done.stdout
