@@ -52,12 +52,17 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         scale = grad_output.to(lse.dtype) / num_pixels
         per_pixel_scale = scale * (pixel_weights if pixel_weights is not None else torch.ones_like(lse))
         grad = torch.empty_like(logits)
+        same_dtype = logits.dtype == lse.dtype
         for start in range(0, logits.shape[0], _CHUNK_IMAGES):
             sl = slice(start, start + _CHUNK_IMAGES)
-            chunk = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])  # softmax, one chunk at a time
+            if same_dtype:  # softmax written straight into the gradient, no scratch
+                chunk = torch.sub(logits[sl], lse[sl, None], out=grad[sl]).exp_()
+            else:  # bf16/half logits: the softmax in float32, one chunk at a time
+                chunk = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])
             chunk.scatter_add_(1, indices[sl], -weights[sl].to(lse.dtype))
             chunk.mul_(per_pixel_scale[sl, None])
-            grad[sl] = chunk
+            if not same_dtype:
+                grad[sl] = chunk
         return grad, None, None, None
 
 
