@@ -117,3 +117,26 @@ def lab_to_rgb(lab: torch.Tensor, clip: bool = True, validate: bool = True) -> t
 def split_lab(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., 3, H, W) Lab -> (L of shape (..., 1, H, W), ab of shape (..., 2, H, W))."""
     return lab[..., :1, :, :], lab[..., 1:, :, :]
+
+
+def fit_ab_to_gamut(L: torch.Tensor, ab: torch.Tensor, iterations: int = 14) -> torch.Tensor:
+    """Shrink each pixel's ab towards grey just enough for (L, ab) to be a displayable sRGB colour.
+
+    Clipping an out-of-gamut colour to [0, 1] changes its lightness; reducing its chroma instead keeps
+    L exactly (grey, ab = 0, is in gamut for every L in [0, 100]). The largest scale s in [0, 1] with
+    (L, s * ab) in gamut is found per pixel by bisection. L (..., 1, H, W), ab (..., 2, H, W).
+    """
+    lo = torch.zeros_like(L)
+    hi = torch.ones_like(L)
+    lo = torch.where(_in_gamut(L, ab), hi, lo)  # pixels already in gamut keep s = 1
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        ok = _in_gamut(L, ab * mid)
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return ab * lo
+
+
+def _in_gamut(L: torch.Tensor, ab: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    rgb = lab_to_rgb(torch.cat((L, ab), dim=-3), clip=False, validate=False)
+    return ((rgb >= -tolerance) & (rgb <= 1 + tolerance)).all(dim=-3, keepdim=True)

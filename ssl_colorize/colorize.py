@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ssl_colorize.checkpoint import load_encoder
-from ssl_colorize.color import rgb_to_lab
+from ssl_colorize.color import fit_ab_to_gamut, rgb_to_lab
 from ssl_colorize.data import read_image
 from ssl_colorize.inference import ab_to_rgb, predict_ab
 from ssl_colorize.targets import DEFAULT_TEMPERATURE
@@ -33,11 +33,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="colorized", help="output folder")
     p.add_argument("--net-size", type=int, default=None,
                    help="resize L to this square size for the network (the paper used 224 or 256; default: the full image)")
+    p.add_argument("--gamut", choices=["chroma", "clip"], default="chroma",
+                   help="out-of-gamut colours: reduce their chroma (keeps the input's L exactly) or clip RGB "
+                        "to [0, 1] as the paper did (can change L)")
     p.add_argument("--device", default="auto")
     return p
 
 
-def colorize_file(model, path: Path, temperature: float, net_size: int | None, device: torch.device) -> np.ndarray:
+def colorize_file(model, path: Path, temperature: float, net_size: int | None, device: torch.device,
+                  gamut: str = "chroma") -> np.ndarray:
     """One image file -> uint8 HxWx3 colorization at the file's full resolution, with its own L."""
     rgb = read_image(path).float()[None] / 255.0
     L = rgb_to_lab(rgb)[:, :1].to(device)
@@ -46,6 +50,8 @@ def colorize_file(model, path: Path, temperature: float, net_size: int | None, d
     ab = predict_ab(model, net_L, temperature=temperature)
     if tuple(ab.shape[-2:]) != full_size:
         ab = F.interpolate(ab, size=full_size, mode="bilinear", align_corners=False)
+    if gamut == "chroma":
+        ab = fit_ab_to_gamut(L, ab)
     out = ab_to_rgb(L, ab)[0]
     return (out.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
@@ -65,7 +71,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     for name in tqdm(args.images, desc="colorize", unit="img", disable=len(args.images) < 2):
         path = Path(name)
         try:
-            array = colorize_file(model, path, args.temperature, args.net_size, device)
+            array = colorize_file(model, path, args.temperature, args.net_size, device, args.gamut)
         except (RuntimeError, ValueError) as exc:
             failed.append(f"{path}: {exc}")
             continue
