@@ -14,8 +14,8 @@ import torch
 from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA, soft_encode
 
 # Images per chunk for the log-normaliser and the softmax of the backward pass: bounds the scratch
-# memory to a few images' worth of logits however large the batch.
-_CHUNK_IMAGES = 2
+# memory to one image's worth of logits however large the batch.
+_CHUNK_IMAGES = 1
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from ssl_colorize import distributed as dist_env
 from ssl_colorize.checkpoint import CHECKPOINT_VERSION, ROLLING_NAME, load_checkpoint, save_checkpoint
 from ssl_colorize.color import rgb_to_lab
-from ssl_colorize.data import ImageFiles, builtin_pretrain_list, collate_skipping, ensure_builtin_imagefolder
-from ssl_colorize.data.transforms import center_crop, random_crop_flip, resize_shorter
+from ssl_colorize.data import ImageFiles, builtin_pretrain_list, ensure_builtin_imagefolder
+from ssl_colorize.data.fast_path import DATA_PATHS, PretrainLoader, TargetSpec, resolve_data_path
+from ssl_colorize.data.transforms import center_crop, resize_shorter
 from ssl_colorize.inference import ab_to_rgb, colorize_tensor
 from ssl_colorize.losses import l2_loss, soft_target_cross_entropy
 from ssl_colorize.models import create_model, list_models
@@ -124,6 +125,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="channels-last memory format (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cpus - 1))")
+    p.add_argument("--data-path", default="auto", choices=DATA_PATHS,
+                   help="device: batched JPEG decoding, crops, Lab and targets on the GPU; workers: CPU worker "
+                        "processes; auto: device on a GPU with nvJPEG, else workers")
     p.add_argument("--ckpt-every", type=int, default=None, help="rolling checkpoint + preview every N steps")
     p.add_argument("--snapshot-every", type=int, default=None, help="keep a snapshot every N steps")
     p.add_argument("--log-every", type=int, default=10, help="log the mean loss and the rate every N steps")
@@ -249,24 +253,6 @@ class ResumableSampler(Sampler):
                 yield int(batch[j]), (self.seed * 1_000_003 + self.epoch) * 10_000_019 + position
 
 
-class AugmentedImages(Dataset):
-    """ImageFiles with a seeded random crop + mirror per (index, seed) item."""
-
-    def __init__(self, files: ImageFiles, crop: int, resize: int | None):
-        self.files, self.crop, self.resize = files, crop, resize
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, item):
-        index, seed = item
-        sample = self.files[index]
-        if hasattr(sample, "image"):
-            image = resize_shorter(sample.image, self.resize) if self.resize else sample.image
-            sample.image = random_crop_flip(image, self.crop, torch.Generator().manual_seed(seed % (2**63)))
-        return sample
-
-
 def build_data(cfg: dict):
     """-> (training ImageFiles, held-out preview images (uint8, N x 3 x crop x crop))."""
     if cfg["builtin"]:
@@ -306,7 +292,8 @@ def load_previews(paths, crop: int, resize: int | None, count: int) -> torch.Ten
 def lab_inputs(images_uint8: torch.Tensor, grid_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 RGB (N, 3, H, W) on the device -> (L (N, 1, H, W) in [0, 100], ab on the loss grid)."""
     lab = rgb_to_lab(images_uint8.float().div_(255.0), validate=False)
-    return lab[:, :1], decimate(lab[:, 1:], grid_stride)
+    # contiguous: a strided slice of the channels-last Lab would make the whole network channels-last
+    return lab[:, :1].contiguous(), decimate(lab[:, 1:], grid_stride)
 
 
 class LossGridLogits(nn.Module):
@@ -320,14 +307,16 @@ class LossGridLogits(nn.Module):
         return self.encoder.logits_at(L, size)
 
 
-def compute_loss(model: nn.Module, L: torch.Tensor, ab: torch.Tensor, cfg: dict, class_weights, amp_dtype):
+def compute_loss(model: nn.Module, L: torch.Tensor, ab: torch.Tensor, cfg: dict, class_weights, amp_dtype,
+                 encoded: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The pretext loss of one batch; ``model`` is a LossGridLogits (possibly DDP-wrapped)."""
     image_weights = (~grey_mask(ab)).float()  # grey images carry no colour signal [code]
     with torch.autocast(L.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(L, tuple(ab.shape[-2:]))
     if cfg["loss"] == "l2":
         return l2_loss(out.float(), ab, image_weights)
-    return soft_target_cross_entropy(out, ab, class_weights, k=cfg["k"], sigma=cfg["sigma"], image_weights=image_weights)
+    return soft_target_cross_entropy(out, ab, class_weights, k=cfg["k"], sigma=cfg["sigma"],
+                                     image_weights=image_weights, encoded=encoded)
 
 
 def write_preview(model: nn.Module, images: torch.Tensor, path: Path, temperature: float) -> None:
@@ -473,12 +462,14 @@ def main(args: argparse.Namespace) -> dict:
         train_model = torch.compile(train_model)
 
     workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
-    dataset = AugmentedImages(files, cfg["crop"], cfg["resize"])
+    data_path = resolve_data_path(args.data_path, device)
+    targets = TargetSpec(grid_stride, cfg["k"], cfg["sigma"], encode=cfg["loss"] != "l2")
     previews = load_previews(held_out, cfg["crop"], cfg["resize"], args.preview_count) if main_process else None
 
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**cfg, "world_size": world, "device": str(device)}, indent=2, default=str))
+        (out / "config.json").write_text(json.dumps({**cfg, "world_size": world, "device": str(device),
+                                                      "data_path": data_path}, indent=2, default=str))
         print(f"pretrain: {cfg['encoder']} on {'the built-in default' if cfg['builtin'] else cfg['data']} "
               f"({len(files)} images), {cfg['steps']} steps of {cfg['batch_size']} x {cfg['crop']}px, "
               f"loss {cfg['loss']}, device {device}, {world} process(es), run folder {out}"
@@ -513,9 +504,8 @@ def main(args: argparse.Namespace) -> dict:
     stop_at = min(cfg["steps"], args.stop_after) if args.stop_after is not None else cfg["steps"]
     while step < stop_at:
         sampler.set_position(epoch, batch_in_epoch)
-        loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
-                            collate_fn=collate_skipping, pin_memory=device.type == "cuda",
-                            persistent_workers=False, prefetch_factor=4 if workers else None)
+        loader = PretrainLoader(files, sampler, per_rank_batch, cfg["crop"], cfg["resize"], device, data_path,
+                                workers=workers, channels_last=channels_last, targets=targets)
         for batch in loader:
             if batch.skipped:
                 skipped_total += len(batch.skipped)
@@ -525,11 +515,7 @@ def main(args: argparse.Namespace) -> dict:
             batch_in_epoch += 1
             if batch.images.shape[0] == 0:
                 continue
-            images = batch.images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            L, ab = lab_inputs(images, grid_stride)
-            loss = compute_loss(train_model, L, ab, cfg, class_weights, amp_dtype)
+            loss = compute_loss(train_model, batch.L, batch.ab, cfg, class_weights, amp_dtype, encoded=batch.encoded)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

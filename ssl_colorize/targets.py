@@ -25,8 +25,8 @@ DEFAULT_LAMBDA = 0.5
 DEFAULT_TEMPERATURE = 0.38
 GREY_THRESHOLD = 5.0
 
-# Pixels per chunk of the brute-force neighbour search: 32k x 313 floats is 40 MB of scratch.
-_CHUNK_PIXELS = 32768
+# Pixels per chunk of the neighbour search (brute force: 16k x 313 floats, 20 MB of scratch; grid: 2 MB).
+_CHUNK_PIXELS = 16384
 
 
 @lru_cache(maxsize=None)
@@ -83,13 +83,13 @@ def _check_ab(ab: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: ab must have shape (N, 2, H, W), got {tuple(ab.shape)}")
 
 
-# The neighbour search uses the bins' grid: ab space is cut into 10 x 10 cells; for each cell a short
+# The neighbour search uses the bins' grid: ab space is cut into 2.5 x 2.5 cells; for each cell a short
 # list holds every bin that can be among the k nearest of *some* point of the cell. A bin can only be
 # if its distance to the cell's nearest point is at most U, where U is the k-th smallest distance
 # from a bin to the cell's farthest point (at least k bins are within U of every point of the cell).
-# With the 313 bins and k = 10 the lists hold 18 to 32 bins, so each pixel ranks ~30 candidates
+# With the 313 bins and k = 10 the lists hold 10 to 17 bins, so each pixel ranks at most 17 candidates
 # instead of 313. Pixels outside the tabulated square fall back to the brute-force search.
-_CELL_LO, _CELL_SIZE, _CELLS = -130.0, 10.0, 26  # cells cover [-130, 130) in a and in b
+_CELL_LO, _CELL_SIZE, _CELLS = -130.0, 2.5, 104  # cells cover [-130, 130) in a and in b
 _MAX_CANDIDATES = 64  # above this (large k) the table does not pay: brute force
 _FAR = 1e6  # coordinate of the padding "bin" that fills short candidate lists
 
@@ -133,30 +133,34 @@ def _nearest_bins_brute(ab: torch.Tensor, k: int) -> torch.Tensor:
 def _nearest_bins(ab: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest centres for every pixel: (indices (P, k), squared distances (P, k)), nearest first.
 
-    ab is (P, 2) float32. Distances are exact (computed from the chosen centres).
+    ab is (P, 2) float32. Distances are exact: (a - a_c)^2 + (b - b_c)^2 of the chosen centres.
     """
     table = _candidate_table(k)
     centers = bin_centers(ab.device, ab.dtype)
+    indices = torch.empty(ab.shape[0], k, dtype=torch.long, device=ab.device)
+    dist_sq = torch.empty(ab.shape[0], k, dtype=ab.dtype, device=ab.device)
     if table is None:
         indices = _nearest_bins_brute(ab, k)
-    else:
-        table_t = _device_table(k, ab.device)
-        padded = torch.cat([centers, centers.new_full((1, 2), _FAR)])
-        cell = torch.floor((ab - _CELL_LO) / _CELL_SIZE).long()
-        inside = ((cell >= 0) & (cell < _CELLS)).all(1)
-        cell_id = cell[:, 0].clamp(0, _CELLS - 1) * _CELLS + cell[:, 1].clamp(0, _CELLS - 1)
-        indices = torch.empty(ab.shape[0], k, dtype=torch.long, device=ab.device)
-        for start in range(0, ab.shape[0], _CHUNK_PIXELS):
-            sl = slice(start, start + _CHUNK_PIXELS)
-            candidates = table_t[cell_id[sl]]  # (chunk, M)
-            diff = padded[candidates] - ab[sl, None, :]
-            top = (diff * diff).sum(-1).topk(k, dim=1, largest=False, sorted=True).indices
-            indices[sl] = candidates.gather(1, top)
-        if not bool(inside.all()):
-            outside = ~inside
-            indices[outside] = _nearest_bins_brute(ab[outside], k)
-    diff = centers[indices] - ab[:, None, :]
-    return indices, (diff * diff).sum(-1)
+        diff = centers[indices] - ab[:, None, :]
+        return indices, (diff * diff).sum(-1)
+    table_t = _device_table(k, ab.device)
+    padded = torch.cat([centers, centers.new_full((1, 2), _FAR)])
+    cell = torch.floor((ab - _CELL_LO) / _CELL_SIZE).long()
+    inside = ((cell >= 0) & (cell < _CELLS)).all(1)
+    cell_id = cell[:, 0].clamp(0, _CELLS - 1) * _CELLS + cell[:, 1].clamp(0, _CELLS - 1)
+    for start in range(0, ab.shape[0], _CHUNK_PIXELS):
+        sl = slice(start, start + _CHUNK_PIXELS)
+        candidates = table_t[cell_id[sl]]  # (chunk, M)
+        diff = padded[candidates] - ab[sl, None, :]
+        top = (diff * diff).sum(-1).topk(k, dim=1, largest=False, sorted=True)
+        indices[sl] = candidates.gather(1, top.indices)
+        dist_sq[sl] = top.values
+    if not bool(inside.all()):
+        outside = ~inside
+        far_indices = _nearest_bins_brute(ab[outside], k)
+        diff = centers[far_indices] - ab[outside][:, None, :]
+        indices[outside], dist_sq[outside] = far_indices, (diff * diff).sum(-1)
+    return indices, dist_sq
 
 
 _DEVICE_TABLES: dict = {}

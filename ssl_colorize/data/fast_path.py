@@ -1,0 +1,526 @@
+"""The fast pretraining data path (issue 7): image files -> cropped uint8 batches -> L input and soft targets.
+
+Two ways to get there, chosen by ``data_path`` (``--data-path`` in the trainer):
+
+* ``"device"`` (what ``"auto"`` picks on CUDA when nvJPEG works): DataLoader workers only read each
+  file's bytes; a producer thread decodes the whole batch in one call on the GPU (torchvision's batched
+  nvJPEG decode), resizes, crops and mirrors every image there, stacks them, makes the batch
+  channels-last and computes Lab and the soft targets, all on a side CUDA stream, one or two batches
+  ahead of the training step. Files that are not JPEG, or that the batched call rejects, are decoded on
+  the CPU one by one and moved; files nothing can decode are skipped and named, as in the plain path.
+* ``"workers"`` (what ``"auto"`` picks otherwise): DataLoader worker processes decode (libjpeg-turbo),
+  resize, crop and mirror each image, as ``ssl_colorize.pretrain`` always did. On the CPU the workers
+  also compute Lab and the soft targets of their batch in the collate step, so the training process only
+  runs the network; on CUDA the uint8 batch travels in pinned memory and Lab / targets are computed on a
+  side stream.
+
+Nothing about the crops changes between the paths (DESIGN.md, "data moves left to right once"): each
+sample's crop window and mirror come from :func:`~ssl_colorize.data.transforms.random_crop_flip` with a
+generator seeded by the sampler's per-sample seed (the trainer's resumable order), and Lab / targets are
+:func:`ssl_colorize.color.rgb_to_lab` and :func:`ssl_colorize.targets.soft_encode` on the loss grid
+(PROTOCOL.md sections 1 and 2). ``tests/test_fast_path.py`` checks that the paths agree with each other,
+with the trainer's own dataset, with scikit-image's Lab and with a scikit-learn soft encoding. One caveat
+on CUDA: nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's, so a decoded pixel may differ by a
+few levels from the CPU decoder's; everything after decoding is the same arithmetic.
+
+The loader consumes a sampler of ``(index, sample_seed)`` items, such as the trainer's
+``ResumableSampler``, and yields :class:`PretrainBatch` objects whose tensors are on the training
+device. :attr:`PretrainLoader.wait_seconds` is the time the consumer spent blocked waiting for a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_colorize.color import rgb_to_lab
+from ssl_colorize.data.images import ImageFiles, Sample, SkippedFile
+from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
+from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA, decimate, soft_encode
+
+# torchvision 0.29 announces the move of its image decoders to TorchCodec; they still work (the same
+# filter as pyproject.toml's for the tests). Installed once here so the producer thread needs no
+# (thread-unsafe) warnings.catch_warnings.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg  # noqa: E402
+
+DATA_PATHS = ("auto", "workers", "device")
+_JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker + the next marker's 0xFF
+_SEED_MODULUS = 2**63  # torch.Generator seeds must fit in 64 bits
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-image and per-batch steps, shared by every path
+# ----------------------------------------------------------------------------------------------
+
+def crop_image(image: torch.Tensor, crop: int, resize: int | None, seed: int) -> torch.Tensor:
+    """One training view of a uint8 (3, H, W) image on any device: the shorter side resized to
+    ``resize`` (when given), then a ``crop`` x ``crop`` window and a mirror drawn from a generator seeded
+    with ``seed``. The window is drawn on the CPU, so a GPU image gets exactly the CPU path's crop."""
+    if resize:
+        image = resize_shorter(image, resize)
+    return random_crop_flip(image, crop, torch.Generator().manual_seed(int(seed) % _SEED_MODULUS))
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the data path computes besides the crops: L, ab on the loss grid and (``encode``) the soft
+    encoding. ``grid_stride`` is the encoder's ``output_stride`` (PROTOCOL.md section 2)."""
+
+    grid_stride: int
+    k: int = DEFAULT_K
+    sigma: float = DEFAULT_SIGMA
+    encode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.grid_stride < 1:
+            raise ValueError(f"TargetSpec: grid_stride must be a positive integer, got {self.grid_stride}")
+
+
+def prepare_targets(
+    images: torch.Tensor, spec: TargetSpec, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """uint8 RGB (N, 3, H, W) on its device -> (L (N, 1, H, W) in [0, 100], ab on the loss grid, soft
+    encoding ``(indices, weights)`` or None).
+
+    The same arithmetic as ``ssl_colorize.pretrain.lab_inputs`` followed by the loss's
+    ``soft_encode(ab, k, sigma)``. L and ab are made contiguous so that they do not keep the full Lab
+    tensor alive (nor drag it through shared memory when a worker computed them), and so that L is not
+    the channel slice of ``rgb_to_lab``'s channels-last result: fed that strided view, a CPU network runs
+    in channels-last throughout (measured 1.5x slower for alexnet_lab at 64 px on this project's CPU).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"prepare_targets: expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    lab = rgb_to_lab(images.float().div_(255.0), validate=False)
+    L = lab[:, :1].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ab = decimate(lab[:, 1:], spec.grid_stride).contiguous()
+    encoded = soft_encode(ab, k=spec.k, sigma=spec.sigma) if spec.encode else None
+    return L, ab, encoded
+
+
+@dataclass
+class PretrainBatch:
+    """A training batch. ``images``: uint8 (N, 3, crop, crop); with targets also ``L`` (N, 1, crop, crop),
+    ``ab`` (N, 2, h, w) on the loss grid and ``encoded`` = soft_encode(ab). ``skipped`` names the files
+    that could not be decoded. Field names follow :class:`ssl_colorize.data.images.Batch`."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+    L: torch.Tensor | None = None
+    ab: torch.Tensor | None = None
+    encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.images, self.labels, self.indices]
+        out += [t for t in (self.L, self.ab) if t is not None]
+        out += list(self.encoded) if self.encoded is not None else []
+        return out
+
+    def _map(self, fn) -> "PretrainBatch":
+        return PretrainBatch(
+            fn(self.images), fn(self.labels), fn(self.indices), list(self.skipped),
+            None if self.L is None else fn(self.L), None if self.ab is None else fn(self.ab),
+            None if self.encoded is None else (fn(self.encoded[0]), fn(self.encoded[1])),
+        )
+
+    def pin_memory(self) -> "PretrainBatch":
+        """Called by DataLoader(pin_memory=True): page-locked host memory for asynchronous copies."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "PretrainBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def _empty_batch(crop: int, skipped: list[str], device: torch.device | str = "cpu") -> PretrainBatch:
+    return PretrainBatch(
+        torch.empty(0, 3, crop, crop, dtype=torch.uint8, device=device),
+        torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device), skipped,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# "workers": decode and crop in worker processes (targets too when training on the CPU)
+# ----------------------------------------------------------------------------------------------
+
+class SeededCrops(Dataset):
+    """Decoded and cropped images; an item is ``(index, sample_seed)`` (the trainer's sampler).
+
+    Returns a :class:`~ssl_colorize.data.images.Sample` holding the crop, or a ``SkippedFile`` for a file
+    that cannot be decoded.
+    """
+
+    def __init__(self, files: ImageFiles, crop: int, resize: int | None):
+        self.files, self.crop, self.resize = files, int(crop), resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        sample = self.files[index]
+        if isinstance(sample, Sample):
+            sample.image = crop_image(sample.image, self.crop, self.resize, seed)
+        return sample
+
+
+class CropCollate:
+    """Stack a worker's crops into a :class:`PretrainBatch`; with a :class:`TargetSpec`, also compute
+    L, ab and the soft encoding there (so they are ready when the batch reaches the trainer)."""
+
+    def __init__(self, crop: int, targets: TargetSpec | None = None):
+        self.crop, self.targets = int(crop), targets
+
+    def __call__(self, items: list) -> PretrainBatch:
+        good = [s for s in items if isinstance(s, Sample)]
+        skipped = [s.path for s in items if isinstance(s, SkippedFile)]
+        if not good:
+            return _empty_batch(self.crop, skipped)
+        batch = PretrainBatch(
+            torch.stack([s.image for s in good]),
+            torch.tensor([s.label for s in good], dtype=torch.long),
+            torch.tensor([s.index for s in good], dtype=torch.long),
+            skipped,
+        )
+        if self.targets is not None:
+            batch.L, batch.ab, batch.encoded = prepare_targets(batch.images, self.targets)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# "device": read bytes in workers, decode the batch at once on the device
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EncodedSample:
+    data: torch.Tensor  # uint8 (num_bytes,), the file as it is on disk
+    label: int
+    index: int
+    seed: int
+    path: str
+
+
+@dataclass
+class EncodedBatch:
+    data: list[torch.Tensor]
+    labels: list[int]
+    indices: list[int]
+    seeds: list[int]
+    paths: list[str]
+    skipped: list[str]
+
+
+class EncodedFiles(Dataset):
+    """The files' bytes, not decoded; an item is ``(index, sample_seed)``. Unreadable or empty files
+    come back as ``SkippedFile``."""
+
+    def __init__(self, files: ImageFiles):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        path = self.files.paths[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return SkippedFile(str(path))
+        if not data:
+            return SkippedFile(str(path))
+        return EncodedSample(torch.frombuffer(bytearray(data), dtype=torch.uint8), self.files.labels[index],
+                             index, int(seed), str(path))
+
+
+def collate_encoded(items: list) -> EncodedBatch:
+    good = [s for s in items if isinstance(s, EncodedSample)]
+    return EncodedBatch(
+        [s.data for s in good], [s.label for s in good], [s.index for s in good], [s.seed for s in good],
+        [s.path for s in good], [s.path for s in items if isinstance(s, SkippedFile)],
+    )
+
+
+def _is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() >= 3 and data[:3].numpy().tobytes() == _JPEG_MAGIC
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One file: a JPEG on the device when it is a CUDA device, else (or when that fails) the CPU
+    decoder (libjpeg-turbo / libpng / ...), moved to the device. None when nothing can decode it."""
+    if device.type == "cuda" and _is_jpeg(data):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass  # e.g. a CMYK or corrupt JPEG; the CPU decoder below may still read it
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def decode_batch(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | None]:
+    """Decode encoded images to uint8 (3, H, W) tensors on ``device``; None for an undecodable file.
+
+    The JPEGs are decoded in one call (batched nvJPEG on CUDA; on the CPU the same libjpeg-turbo decoder
+    as :func:`~ssl_colorize.data.images.read_image`). The batched call fails as a whole when one file is
+    bad, so then, and for other formats, files are decoded one by one.
+    """
+    device = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(data)
+    jpegs = [i for i, d in enumerate(data) if _is_jpeg(d)]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, decoded):
+                out[i] = image
+        except RuntimeError:
+            pass  # a bad file in the batch: the loop below finds it
+    for i, image in enumerate(out):
+        if image is None:
+            out[i] = _decode_one(data[i], device)
+    return out
+
+
+@lru_cache(maxsize=None)
+def device_decode_available(device: str) -> bool:
+    """Whether torchvision can decode a JPEG on ``device`` (a CUDA build with nvJPEG); checked once."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    probe = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))
+    try:
+        decode_jpeg([probe], mode=ImageReadMode.RGB, device=dev)
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolve_data_path(name: str, device: torch.device | str) -> str:
+    """``--data-path`` -> "workers" or "device". "auto": "device" on a CUDA device whose torchvision
+    decodes JPEGs there, else "workers". "device" on the CPU is allowed (the batched decode then runs in
+    the training process; the tests use it to compare the paths)."""
+    device = torch.device(device)
+    if name not in DATA_PATHS:
+        raise ValueError(f"--data-path must be one of {DATA_PATHS}, got {name!r}")
+    if name == "auto":
+        return "device" if device_decode_available(str(device)) else "workers"
+    if name == "device" and device.type == "cuda" and not device_decode_available(str(device)):
+        raise ValueError(f"--data-path device: this torchvision cannot decode JPEGs on {device} (no nvJPEG); "
+                         "use --data-path workers")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+
+_DONE = object()
+
+
+class PretrainLoader:
+    """Iterates ``sampler`` in batches and yields :class:`PretrainBatch` objects on ``device``.
+
+    Args:
+        files: the training images (:class:`~ssl_colorize.data.images.ImageFiles`).
+        sampler: yields ``(index, sample_seed)`` items (e.g. the trainer's ``ResumableSampler``).
+        batch_size: images per batch (per process).
+        crop, resize: the random crop size and the shorter side the image is resized to first (None: as is).
+        device: where the batches go.
+        data_path: "auto", "workers" or "device" (see the module docstring).
+        workers: DataLoader worker processes (0: in this process).
+        channels_last: make images (and L) channels-last, as the trainer does on CUDA.
+        targets: compute L, ab and the soft encoding in the data path; None: images only.
+        prefetch: batches the producer thread may finish ahead of the training step (CUDA or "device").
+        pin_memory: page-locked host batches (default: when the device is CUDA).
+    """
+
+    def __init__(
+        self,
+        files: ImageFiles,
+        sampler,
+        batch_size: int,
+        crop: int,
+        resize: int | None,
+        device: torch.device | str,
+        data_path: str = "auto",
+        workers: int = 0,
+        channels_last: bool = False,
+        targets: TargetSpec | None = None,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"PretrainLoader: batch_size must be positive, got {batch_size}")
+        if crop < 1:
+            raise ValueError(f"PretrainLoader: crop must be positive, got {crop}")
+        if workers < 0:
+            raise ValueError(f"PretrainLoader: workers must be >= 0, got {workers}")
+        if prefetch < 1:
+            raise ValueError(f"PretrainLoader: prefetch must be >= 1, got {prefetch}")
+        self.files, self.sampler, self.batch_size = files, sampler, int(batch_size)
+        self.crop, self.resize = int(crop), resize
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.mode = resolve_data_path(data_path, self.device)
+        self.workers, self.channels_last, self.targets, self.prefetch = workers, channels_last, targets, prefetch
+        self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
+        self.wait_seconds = 0.0  # time the consumer spent blocked on the next batch
+        self.batches = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    # -------------------------------------------------------------------------------- host side
+    def _worker_targets(self) -> TargetSpec | None:
+        """Workers compute the targets only when the batch stays on the CPU."""
+        return self.targets if self.device.type == "cpu" else None
+
+    def host_loader(self) -> DataLoader:
+        """The DataLoader of the chosen path: crops (+ targets on the CPU), or the files' bytes."""
+        if self.mode == "device":
+            dataset, collate = EncodedFiles(self.files), collate_encoded
+            pin = False  # nvJPEG stages the bytes through its own pinned buffers
+        else:
+            dataset, collate = SeededCrops(self.files, self.crop, self.resize), CropCollate(self.crop, self._worker_targets())
+            pin = self.pin_memory
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
+                          collate_fn=collate, pin_memory=pin, prefetch_factor=4 if self.workers else None,
+                          persistent_workers=False)
+
+    # ------------------------------------------------------------------------------ device side
+    def _complete(self, batch: PretrainBatch) -> PretrainBatch:
+        """Memory format and (when not done by a worker) L, ab and the soft encoding, on the device."""
+        if self.channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            if batch.L is not None:
+                batch.L = batch.L.contiguous(memory_format=torch.channels_last)
+        if self.targets is not None and batch.L is None and batch.images.shape[0] > 0:
+            batch.L, batch.ab, batch.encoded = prepare_targets(batch.images, self.targets, self.channels_last)
+        return batch
+
+    def finish(self, host_batch) -> PretrainBatch:
+        """A host batch -> a device batch: decode + crop (device path) or copy (workers path), then
+        :meth:`_complete`. Runs in the producer thread, on its side stream when on CUDA."""
+        if isinstance(host_batch, EncodedBatch):
+            decoded = decode_batch(host_batch.data, self.device)
+            crops, keep, skipped = [], [], list(host_batch.skipped)
+            for j, image in enumerate(decoded):
+                if image is None:
+                    skipped.append(host_batch.paths[j])
+                    continue
+                crops.append(crop_image(image, self.crop, self.resize, host_batch.seeds[j]))
+                keep.append(j)
+            if not crops:
+                return _empty_batch(self.crop, skipped, self.device)
+            batch = PretrainBatch(
+                torch.stack(crops),
+                torch.tensor([host_batch.labels[j] for j in keep], dtype=torch.long).to(self.device),
+                torch.tensor([host_batch.indices[j] for j in keep], dtype=torch.long).to(self.device),
+                skipped,
+            )
+        else:
+            batch = host_batch.to(self.device, non_blocking=self.pin_memory)
+        return self._complete(batch)
+
+    def _needs_producer(self) -> bool:
+        return self.mode == "device" or self.device.type == "cuda"
+
+    # -------------------------------------------------------------------------------- iteration
+    def __iter__(self):
+        if not self._needs_producer():
+            yield from self._iter_direct()
+        else:
+            yield from self._iter_producer()
+
+    def _iter_direct(self):
+        """CPU training with workers: the workers' batches are final."""
+        iterator = iter(self.host_loader())
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            batch = self._complete(batch)
+            self.wait_seconds += time.perf_counter() - start
+            self.batches += 1
+            yield batch
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        """Producer thread: finish host batches on a side stream, hand them over with an event."""
+        cuda = self.device.type == "cuda"
+        try:
+            with torch.cuda.device(self.device) if cuda else nullcontext():
+                stream = torch.cuda.Stream(self.device) if cuda else None
+                with torch.cuda.stream(stream) if cuda else nullcontext():
+                    for host_batch in self.host_loader():
+                        batch = self.finish(host_batch)
+                        event = None
+                        if cuda:
+                            event = torch.cuda.Event()
+                            event.record(stream)
+                        if not self._put(out, (batch, event), stop):
+                            return
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(out, exc, stop)
+            return
+        self._put(out, _DONE, stop)
+
+    @staticmethod
+    def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _iter_producer(self):
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(out, stop), name="pretrain-data", daemon=True)
+        thread.start()
+        try:
+            while True:
+                start = time.perf_counter()
+                item = out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"the pretraining data path failed: {item}") from item
+                batch, event = item
+                if event is not None:
+                    # The step's stream waits for the side stream's work on this batch (no host sync),
+                    # and the allocator must not recycle the batch's memory before the step is done.
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for tensor in batch.tensors():
+                        tensor.record_stream(current)
+                self.wait_seconds += time.perf_counter() - start
+                self.batches += 1
+                yield batch
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    out.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            thread.join()

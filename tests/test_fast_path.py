@@ -1,0 +1,248 @@
+"""ssl_colorize.data.fast_path: the fast pretraining data path gives the plain path's pixels and targets.
+
+Checked on the CPU against independent references: the trainer's own dataset and Lab step
+(ssl_colorize.pretrain), torchvision's per-file decoder, scikit-image's rgb2lab and a scikit-learn
+nearest-neighbour soft encoding (the reference path of benchmarks/throughput.py). And the throughput
+benchmark itself runs end to end on a tiny loss section (no timed assertions: speed targets live in the
+benchmark's output only).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.color import rgb2lab
+
+from ssl_colorize.data import ImageFiles, builtin_photos, read_image
+from ssl_colorize.data.fast_path import (
+    PretrainLoader,
+    TargetSpec,
+    decode_batch,
+    prepare_targets,
+    resolve_data_path,
+)
+from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
+from ssl_colorize.pretrain import ResumableSampler, lab_inputs
+from ssl_colorize.targets import soft_encode
+
+REPO = Path(__file__).resolve().parent.parent
+CROP, RESIZE, STRIDE, BATCH = 48, 64, 4, 3
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _small_photos(size: int) -> list[np.ndarray]:
+    """The built-in photographs, shorter side ``size`` (small, so the tests stay fast)."""
+    out = []
+    for array in builtin_photos().values():
+        image = Image.fromarray(array)
+        scale = size / min(image.size)
+        out.append(np.asarray(image.resize((max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
+                                           Image.BILINEAR)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """JPEG photos (one grey), one PNG, and two undecodable files."""
+    root = tmp_path_factory.mktemp("fast_path_images")
+    photos = _small_photos(72)
+    for i, array in enumerate(photos[:6]):
+        Image.fromarray(array).save(root / f"photo_{i}.jpg", format="JPEG", quality=90)
+    Image.fromarray(photos[6]).convert("L").save(root / "grey.jpg", format="JPEG", quality=90)
+    Image.fromarray(photos[7]).save(root / "lossless.png", format="PNG")
+    (root / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)
+    (root / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def _plain_batches(files: ImageFiles, sampler, batch: int):
+    """The plain path, spelled out: decode each file, resize, seeded crop + mirror, stack, then the
+    trainer's lab_inputs and soft_encode."""
+    items = list(sampler)
+    out = []
+    for start in range(0, len(items), batch):
+        images, skipped = [], []
+        for index, seed in items[start : start + batch]:
+            try:
+                image = read_image(files.paths[index])
+            except (RuntimeError, ValueError, OSError):
+                skipped.append(str(files.paths[index]))
+                continue
+            generator = torch.Generator().manual_seed(seed % (2**63))
+            images.append(random_crop_flip(resize_shorter(image, RESIZE), CROP, generator))
+        images = torch.stack(images)
+        L, ab = lab_inputs(images, STRIDE)
+        out.append((images, L, ab, soft_encode(ab), skipped))
+    return out
+
+
+def _dense(indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = indices.shape
+    return torch.zeros(n, 313, h, w, dtype=weights.dtype).scatter_add_(1, indices, weights)
+
+
+@pytest.mark.parametrize("data_path,workers", [("workers", 0), ("workers", 1), ("device", 0), ("device", 1)])
+def test_fast_path_equals_the_trainers_path(image_folder, data_path, workers):
+    files = ImageFiles(image_folder)
+    sampler = ResumableSampler(len(files), BATCH, seed=5)
+    loader = PretrainLoader(files, sampler, BATCH, CROP, RESIZE, "cpu", data_path=data_path, workers=workers,
+                            targets=TargetSpec(STRIDE))
+    fast = list(loader)
+    plain = _plain_batches(files, sampler, BATCH)
+    assert len(fast) == len(plain) == len(loader)
+    skipped = []
+    for batch, (images, L, ab, (idx, w), plain_skipped) in zip(fast, plain):
+        assert torch.equal(batch.images, images)  # the same crops and mirrors, pixel for pixel
+        assert batch.L.shape == L.shape and (batch.L - L).abs().max() <= 1e-3
+        assert batch.ab.shape == ab.shape and (batch.ab - ab).abs().max() <= 1e-3
+        assert torch.equal(batch.encoded[0], idx)
+        assert (batch.encoded[1] - w).abs().max() <= 1e-3
+        assert sorted(batch.skipped) == sorted(plain_skipped)
+        skipped += batch.skipped
+    assert sorted(Path(p).name for p in skipped) == ["empty.jpg", "garbage.jpg"]
+    assert loader.batches == len(fast) and loader.wait_seconds >= 0
+
+
+def test_decode_batch_matches_per_file_decoding(image_folder):
+    paths = sorted(image_folder.iterdir())
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) if p.stat().st_size else torch.empty(0, dtype=torch.uint8)
+            for p in paths]
+    decoded = decode_batch(data, "cpu")
+    for path, image in zip(paths, decoded):
+        if path.name in ("garbage.jpg", "empty.jpg"):
+            assert image is None
+        else:
+            assert torch.equal(image, read_image(path)), path.name
+    assert decoded[[p.name for p in paths].index("grey.jpg")].shape[0] == 3  # grey expanded to RGB
+
+
+def test_lab_and_soft_targets_match_scikit_references(image_folder):
+    files = ImageFiles(image_folder)
+    sampler = ResumableSampler(len(files), BATCH, seed=11)
+    batch = next(iter(PretrainLoader(files, sampler, BATCH, CROP, RESIZE, "cpu", "device", targets=TargetSpec(STRIDE))))
+    # Lab: scikit-image on each crop (float64), L at full resolution, ab decimated to the loss grid.
+    reference = np.stack([rgb2lab(image.permute(1, 2, 0).numpy()) for image in batch.images]).transpose(0, 3, 1, 2)
+    assert np.abs(batch.L.numpy() - reference[:, :1]).max() < 1e-3
+    assert np.abs(batch.ab.numpy() - reference[:, 1:, ::STRIDE, ::STRIDE]).max() < 1e-3
+    # Soft targets: the benchmark's scikit-learn path (ball tree over the 313 centres, dense target).
+    benchmark = _load_benchmark()
+    dense_reference = benchmark.ReferenceEncoder().encode_dense(reference[:, 1:, ::STRIDE, ::STRIDE])
+    dense_ours = _dense(*batch.encoded).numpy()
+    assert np.abs(dense_ours - dense_reference).max() < 1e-3
+    # The rebalancing weight comes from the nearest bin: ours is indices[:, 0], the reference's the argmax.
+    assert (batch.encoded[0][:, 0].numpy() == dense_reference.argmax(1)).mean() > 0.999
+
+
+def test_reference_crops_are_our_crops(tmp_path):
+    """The benchmark's reference path (PIL) cuts the same windows: exact on lossless PNGs at the resize size."""
+    benchmark = _load_benchmark()
+    for i, array in enumerate(_small_photos(RESIZE)[:4]):
+        Image.fromarray(array).save(tmp_path / f"p{i}.png", format="PNG")
+    files = ImageFiles(tmp_path)
+    sampler = ResumableSampler(len(files), 4, seed=3)
+    ours = next(iter(PretrainLoader(files, sampler, 4, CROP, RESIZE, "cpu", "workers")))
+    reference = benchmark.ReferenceData(files.paths, CROP, RESIZE, STRIDE, benchmark.ReferenceEncoder())
+    for image, (index, seed) in zip(ours.images, list(sampler)):
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), reference.image(files.paths[index], seed))
+
+
+def test_prepare_targets_is_the_trainers_lab_step():
+    images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    L, ab, encoded = prepare_targets(images, TargetSpec(4, k=5, sigma=3.0))
+    L_ref, ab_ref = lab_inputs(images, 4)
+    assert torch.equal(L, L_ref) and torch.equal(ab, ab_ref)
+    idx, w = soft_encode(ab_ref, k=5, sigma=3.0)
+    assert torch.equal(encoded[0], idx) and torch.equal(encoded[1], w)
+    assert prepare_targets(images, TargetSpec(4, encode=False))[2] is None
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_targets(images.float(), TargetSpec(4))
+    with pytest.raises(ValueError, match="grid_stride"):
+        TargetSpec(0)
+
+
+def test_resolve_data_path_and_options():
+    assert resolve_data_path("auto", "cpu") == "workers"
+    assert resolve_data_path("device", "cpu") == "device"
+    with pytest.raises(ValueError, match="--data-path"):
+        resolve_data_path("gpu", "cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        PretrainLoader(None, [], 0, CROP, RESIZE, "cpu")
+
+
+def test_early_stop_and_errors_end_the_producer_thread(image_folder):
+    import threading
+
+    files = ImageFiles(image_folder)
+    before = threading.active_count()
+    loader = PretrainLoader(files, ResumableSampler(len(files), 2, seed=0), 2, CROP, RESIZE, "cpu", "device", prefetch=1)
+    for _ in loader:
+        break  # leaving early must stop the producer, not leave it blocked on a full queue
+    assert threading.active_count() == before
+
+    class Exploding(list):
+        def __iter__(self):
+            yield (0, 1)
+            raise OSError("disk gone")
+
+    broken = PretrainLoader(files, Exploding([0, 1]), 1, CROP, RESIZE, "cpu", "device")
+    with pytest.raises(RuntimeError, match="disk gone"):
+        list(broken)
+    assert threading.active_count() == before
+
+
+def test_benchmark_jobs_run_in_process(image_folder, tmp_path):
+    """The pretrain and probe measurements at toy sizes (the loss one runs in the CLI test below)."""
+    benchmark = _load_benchmark()
+    jpegs = benchmark.write_jpegs(tmp_path / "jpegs", 6, short_side=40)
+    common = {"section": "pretrain", "device": "cpu", "threads": 1, "workers": 0, "encoder": "resnet50_lab",
+              "crop": 32, "batch": 2, "steps": 1, "warmup": 0, "jpeg_dir": str(jpegs)}
+    for variant in ("compute", "ours_workers", "ours_device", "reference"):
+        result = benchmark.run_job_here({**common, "variant": variant})
+        assert result["images_per_s"] > 0 and result["peak_host_mb"] > 0
+        assert 0 <= result["data_wait_share"] <= 1
+        assert variant == "compute" or result["data_only_images_per_s"] > 0
+    probe = {"section": "probe", "device": "cpu", "threads": 1, "encoder": "alexnet_lab", "crop": 99, "batch": 2,
+             "classes": 5, "steps": 1, "warmup": 0}
+    for variant in ("one_pass", "single_tap"):
+        result = benchmark.run_job_here({**probe, "variant": variant})
+        assert result["taps"] == ["conv1", "conv2", "conv3", "conv4", "conv5"] and result["ms_per_step"] > 0
+
+
+def test_throughput_cli_writes_rows_and_verdicts(tmp_path):
+    out_csv = tmp_path / "throughput.csv"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--sections", "loss", "--loss-batch", "4",
+         "--loss-size", "56", "--steps", "1", "--warmup", "0", "--threads", "1", "--no-progress", "--out-csv", str(out_csv)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out_csv) as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == ["time", "code_version", "device", "torch", "torchvision", "section", "variant", "settings",
+                                 "images_per_s", "ms_per_step", "peak_host_mb", "peak_device_mb", "ratio"]
+    assert [r["variant"] for r in rows] == ["reference", "ours"]
+    assert all(r["section"] == "loss" and r["torch"] == torch.__version__ for r in rows)
+    assert float(rows[1]["ratio"]) > 0 and float(rows[0]["ms_per_step"]) > 0
+    settings = json.loads(rows[1]["settings"])
+    assert settings["logits"] == [4, 313, 56, 56] and settings["extra_host_mb"] is not None
+    lines = proc.stdout.strip().splitlines()
+    pattern = re.compile(r"^[a-z_]+: ratio \d+\.\d+x \(ours [^,]+, reference [^)]+\)")
+    assert pattern.match(lines[-2]) and lines[-2].startswith("loss_speed_cpu:")
+    assert pattern.match(lines[-1]) and lines[-1].startswith("loss_extra_host_memory:")
