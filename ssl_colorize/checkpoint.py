@@ -8,11 +8,12 @@ A checkpoint is a dict: ``model`` ({"name", "kwargs"}: enough to rebuild it with
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ssl_colorize.atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 ROLLING_NAME = "checkpoint.pth"
@@ -24,18 +25,8 @@ def save_checkpoint(path: str | os.PathLike, obj: dict[str, Any]) -> Path:
     A kill at any moment leaves either the previous file or the new one, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
     return path
 
 

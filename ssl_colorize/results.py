@@ -14,7 +14,6 @@ import io
 import json
 import os
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from ssl_colorize.atomic import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,20 +92,6 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def append_rows(csv_path: str | os.PathLike, rows: Iterable[ResultRow | dict]) -> Path:
     """Append rows to a results CSV, safely under concurrent writers (lock + atomic rename)."""
     path = Path(csv_path)
@@ -124,7 +111,8 @@ def append_rows(csv_path: str | os.PathLike, rows: Iterable[ResultRow | dict]) -
         writer.writerows(new)
         if existing and not existing.endswith("\n"):
             existing += "\n"
-        _write_atomic(path, existing + buffer.getvalue())
+        with atomic_write(path, "w", newline="") as handle:
+            handle.write(existing + buffer.getvalue())
     return path
 
 
@@ -330,17 +318,11 @@ def plot_accuracy_vs_layer(table: pd.DataFrame, png_path: str | os.PathLike, tit
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    # Draw to a temporary file and rename, so concurrent runs never leave a torn PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.stem}.", suffix=".png", dir=png_path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, png_path)
+    try:  # concurrent runs never leave a torn PNG
+        with atomic_write(png_path, "wb") as handle:
+            fig.savefig(handle, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return png_path
 
 

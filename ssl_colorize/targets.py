@@ -68,11 +68,11 @@ def load_prior(
 
 def save_prior(path: str | os.PathLike, prior: torch.Tensor) -> Path:
     """Write a prior as CSV (one value per line, bin order), atomically."""
+    from ssl_colorize.atomic import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    np.savetxt(tmp, prior.detach().double().cpu().numpy(), fmt="%.17g")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as handle:
+        np.savetxt(handle, prior.detach().double().cpu().numpy(), fmt="%.17g")
     return path
 
 
