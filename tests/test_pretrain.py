@@ -105,7 +105,7 @@ def test_resume_after_a_real_kill(tmp_path):
 
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
     steps = ["--steps", "2", "--ckpt-every", "1", "--snapshot-every", "1"]
-    single = run(tmp_path, "single", *steps)
+    run(tmp_path, "single", *steps)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            "-m", "ssl_colorize.pretrain", "--out", str(tmp_path / "ddp"), *TINY, *steps]
