@@ -53,8 +53,18 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         per_pixel_scale = scale * (pixel_weights if pixel_weights is not None else torch.ones_like(lse))
         grad = torch.empty_like(logits)
         same_dtype = logits.dtype == lse.dtype
+        # With a non-negative scale (always, in training) it is folded into the exponent:
+        # s * exp(x - lse) = exp(x - (lse - log s)), which saves a pass over the logits. The sign is only
+        # read where it costs no device sync (CPU); elsewhere the scale is a separate multiplication.
+        fold = same_dtype and grad_output.device.type == "cpu" and float(grad_output) >= 0
+        if fold:
+            shift = lse - torch.log(per_pixel_scale)  # log 0 = -inf: a zero-weight pixel gets exp(-inf) = 0
         for start in range(0, logits.shape[0], _CHUNK_IMAGES):
             sl = slice(start, start + _CHUNK_IMAGES)
+            if fold:
+                chunk = torch.sub(logits[sl], shift[sl, None], out=grad[sl]).exp_()
+                chunk.scatter_add_(1, indices[sl], -(weights[sl].to(lse.dtype) * per_pixel_scale[sl, None]))
+                continue
             if same_dtype:  # softmax written straight into the gradient, no scratch
                 chunk = torch.sub(logits[sl], lse[sl, None], out=grad[sl]).exp_()
             else:  # bf16/half logits: the softmax in float32, one chunk at a time

@@ -21,7 +21,8 @@ def dense_reference(logits, ab, class_weights=None, image_weights=None, k=10, si
 
 @pytest.mark.parametrize("rebalanced", [False, True])
 @pytest.mark.parametrize("with_image_weights", [False, True])
-def test_cross_entropy_value_and_gradient_equal_dense_definition(rebalanced, with_image_weights):
+@pytest.mark.parametrize("factor", [3.0, -2.0])  # a negative upstream gradient takes the unfolded path
+def test_cross_entropy_value_and_gradient_equal_dense_definition(rebalanced, with_image_weights, factor):
     torch.manual_seed(0)
     n, h, w = 5, 3, 4  # 5 images: more than one chunk of the chunked log-normaliser
     ab = torch.empty(n, 2, h, w).uniform_(-110, 110)
@@ -29,10 +30,10 @@ def test_cross_entropy_value_and_gradient_equal_dense_definition(rebalanced, wit
     image_weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5]) if with_image_weights else None
     logits = torch.randn(n, 313, h, w, dtype=torch.float64, requires_grad=True)
     ours = soft_target_cross_entropy(logits, ab, class_weights, image_weights=image_weights)
-    (grad_ours,) = torch.autograd.grad(ours * 3.0, logits)
+    (grad_ours,) = torch.autograd.grad(ours * factor, logits)
     ref_logits = logits.detach().clone().requires_grad_()
     ref = dense_reference(ref_logits, ab, class_weights, image_weights)
-    (grad_ref,) = torch.autograd.grad(ref * 3.0, ref_logits)
+    (grad_ref,) = torch.autograd.grad(ref * factor, ref_logits)
     assert torch.allclose(ours.double(), ref, rtol=1e-5)
     assert torch.allclose(grad_ours, grad_ref, atol=1e-9, rtol=1e-5)
 
