@@ -45,6 +45,8 @@ peak_device_mb, ratio). The run ends with one line per comparison::
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime as _dt
 import fcntl
 import io
@@ -138,13 +140,11 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo: keep platform's name
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return f"{model} ({os.cpu_count()} cpus)"
 
 
@@ -536,8 +536,7 @@ def job_pretrain(job: dict) -> dict:
             next(iterator)  # worker start-up and the first batch are not counted
             _sync(device)
             start = time.perf_counter()
-            for _ in iterator:
-                pass
+            collections.deque(iterator, maxlen=0)  # drain the loader
             _sync(device)
             result["data_only_images_per_s"] = data_batches * batch / (time.perf_counter() - start)
             # The training step fed by it.

@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -263,10 +263,9 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
     """One file: a JPEG on the device when it is a CUDA device, else (or when that fails) the CPU
     decoder (libjpeg-turbo / libpng / ...), moved to the device. None when nothing can decode it."""
     if device.type == "cuda" and _is_jpeg(data):
-        try:
+        # A CMYK or corrupt JPEG makes nvJPEG raise; the CPU decoder below may still read it.
+        with suppress(RuntimeError):
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            pass  # e.g. a CMYK or corrupt JPEG; the CPU decoder below may still read it
     try:
         return decode_image(data, mode=ImageReadMode.RGB).to(device)
     except (RuntimeError, ValueError):
