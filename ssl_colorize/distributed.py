@@ -17,6 +17,7 @@ Backend: NCCL when CUDA is available (each process takes GPU ``LOCAL_RANK``), gl
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
@@ -114,14 +115,13 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     """Host names of a SLURM node list: ``scontrol show hostnames`` when available, else our parser."""
     scontrol = shutil.which("scontrol")
     if scontrol is not None:
-        try:
+        # On failure, fall back to the parser below: the list format is documented and stable.
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
             out = subprocess.run(
                 [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
             ).stdout.split()
             if out:
                 return out
-        except (subprocess.SubprocessError, OSError):
-            pass  # fall back to the parser below: the list format is documented and stable
     return expand_hostlist(nodelist)
 
 

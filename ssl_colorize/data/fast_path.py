@@ -283,12 +283,10 @@ def decode_batch(data: list[torch.Tensor], device: torch.device | str) -> list[t
     out: list[torch.Tensor | None] = [None] * len(data)
     jpegs = [i for i, d in enumerate(data) if _is_jpeg(d)]
     if jpegs:
-        try:
+        with suppress(RuntimeError):  # a bad file in the batch: the loop below finds it
             decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
             for i, image in zip(jpegs, decoded):
                 out[i] = image
-        except RuntimeError:
-            pass  # a bad file in the batch: the loop below finds it
     for i, image in enumerate(out):
         if image is None:
             out[i] = _decode_one(data[i], device)
@@ -517,9 +515,7 @@ class PretrainLoader:
                 yield batch
         finally:
             stop.set()
-            while thread.is_alive():
-                try:
+            while thread.is_alive():  # drain, so a producer blocked on a full queue can see the stop
+                with suppress(queue.Empty):
                     out.get(timeout=0.1)
-                except queue.Empty:
-                    pass
             thread.join()
