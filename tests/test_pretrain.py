@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,15 @@ from ssl_colorize.models import create_model
 from ssl_colorize.pretrain import get_args_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _free_disk_after_test(request):
+    """Each AlexNet checkpoint is ~0.7 GB (weights + Adam moments): drop a test's files once it is done."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
 TINY = ["--crop", "64", "--resize", "72", "--batch-size", "4", "--workers", "0", "--no-progress", "--log-every", "1"]
 
 
