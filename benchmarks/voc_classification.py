@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ssl_colorize.data.transforms import random_crop_flip
 from ssl_colorize.data.voc import (
     VOC_CLASSES,
     VOCImages,
@@ -156,14 +157,7 @@ def random_scale_crop(image: torch.Tensor, crop: int, scales: tuple[float, float
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Rescale by a factor uniform in ``scales``, random ``crop`` window (padded if needed), mirror at 1/2."""
     factor = scales[0] + (scales[1] - scales[0]) * float(torch.rand(1, generator=generator))
-    image = pad_to(rescale(image, factor), crop)
-    h, w = image.shape[-2:]
-    top = int(torch.randint(0, h - crop + 1, (1,), generator=generator))
-    left = int(torch.randint(0, w - crop + 1, (1,), generator=generator))
-    image = image[:, top: top + crop, left: left + crop]
-    if bool(torch.rand(1, generator=generator) < 0.5):
-        image = image.flip(-1)
-    return image
+    return random_crop_flip(pad_to(rescale(image, factor), crop), crop, generator)
 
 
 def centre_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
