@@ -67,6 +67,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository's package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ssl_colorize.pretrain import COMPILE_MODES  # noqa: E402
 from ssl_colorize.targets import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_SIGMA, NUM_BINS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +106,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "built-in photographs)")
     p.add_argument("--jpeg-size", type=int, default=256, help="shorter side of the written JPEGs (the paper's 256)")
     p.add_argument("--jpeg-count", type=int, default=None, help="JPEGs to write (default: enough for one pass, at most 1024)")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="pretrain section: torch.compile the model in every variant with this mode (the trainer's --compile)")
     p.add_argument("--probe-encoder", default="alexnet_lab", help="probe section: encoder (transfer geometry for alexnet_lab)")
     p.add_argument("--probe-batch", type=int, default=None, help="probe section: batch (default 256, --quick 96)")
     p.add_argument("--probe-crop", type=int, default=227, help="probe section: crop (the protocol's 227)")
@@ -452,40 +455,45 @@ def job_loss(job: dict) -> dict:
 
 
 def _pretrain_model(job: dict, device: torch.device):
+    """The trainer's model, optimizer and precision for ``job["encoder"]``; the returned ``forward`` is
+    ``model.logits_at``, compiled when ``job["compile"]`` names a torch.compile mode."""
     from ssl_colorize.models import create_model
-    from ssl_colorize.pretrain import RECIPES
+    from ssl_colorize.pretrain import RECIPES, make_adam
 
     recipe = RECIPES[job["encoder"]]
     model = create_model(job["encoder"]).to(device)
     channels_last = device.type == "cuda"  # the trainer's defaults: channels-last and bf16 autocast on CUDA
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    optimizer = make_adam(model, recipe.lr, recipe.betas, recipe.weight_decay, device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     model.train()
-    return model, optimizer, amp_dtype, channels_last
+    forward = model.logits_at
+    if job.get("compile"):
+        forward = torch.compile(forward, mode=None if job["compile"] == "default" else job["compile"])
+    return model, forward, optimizer, amp_dtype, channels_last
 
 
-def _logits(model, L: torch.Tensor, grid: tuple[int, int], amp_dtype):
+def _logits(forward, L: torch.Tensor, grid: tuple[int, int], amp_dtype):
     with torch.autocast(L.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return model.logits_at(L, grid)
+        return forward(L, grid)
 
 
-def _step_ours(model, optimizer, L, ab, encoded, class_weights, amp_dtype) -> None:
+def _step_ours(forward, optimizer, L, ab, encoded, class_weights, amp_dtype) -> None:
     """The trainer's step (ssl_colorize.pretrain.compute_loss), optionally with targets from the data path."""
     from ssl_colorize.losses import soft_target_cross_entropy
     from ssl_colorize.targets import grey_mask
 
     image_weights = (~grey_mask(ab)).float()
-    logits = _logits(model, L, tuple(ab.shape[-2:]), amp_dtype)
+    logits = _logits(forward, L, tuple(ab.shape[-2:]), amp_dtype)
     loss = soft_target_cross_entropy(logits, ab, class_weights, image_weights=image_weights, encoded=encoded)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-def _step_reference(model, optimizer, L, target, pixel_weights, amp_dtype) -> None:
-    logits = _logits(model, L, tuple(target.shape[-2:]), amp_dtype)
+def _step_reference(forward, optimizer, L, target, pixel_weights, amp_dtype) -> None:
+    logits = _logits(forward, L, tuple(target.shape[-2:]), amp_dtype)
     loss = dense_cross_entropy(logits, target, pixel_weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -499,7 +507,7 @@ def job_pretrain(job: dict) -> dict:
     from ssl_colorize.targets import load_prior, rebalance_weights
 
     device = _setup(job)
-    model, optimizer, amp_dtype, channels_last = _pretrain_model(job, device)
+    model, forward, optimizer, amp_dtype, channels_last = _pretrain_model(job, device)
     class_weights = rebalance_weights(load_prior()).to(device)
     crop, batch, warmup, steps = job["crop"], job["batch"], job["warmup"], job["steps"]
     stride = model.output_stride
@@ -516,7 +524,7 @@ def job_pretrain(job: dict) -> dict:
         for i in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
-            _step_ours(model, optimizer, L, ab, encoded, class_weights, amp_dtype)
+            _step_ours(forward, optimizer, L, ab, encoded, class_weights, amp_dtype)
             _sync(device)
             if i >= warmup:
                 step_times.append(time.perf_counter() - start)
@@ -547,7 +555,7 @@ def job_pretrain(job: dict) -> dict:
                 start = time.perf_counter()
                 waited_before = train_loader.wait_seconds
                 b = next(iterator)
-                _step_ours(model, optimizer, b.L, b.ab, b.encoded, class_weights, amp_dtype)
+                _step_ours(forward, optimizer, b.L, b.ab, b.encoded, class_weights, amp_dtype)
                 _sync(device)
                 if i >= warmup:
                     step_times.append(time.perf_counter() - start)
@@ -569,7 +577,7 @@ def job_pretrain(job: dict) -> dict:
                 if channels_last:
                     L = L.contiguous(memory_format=torch.channels_last)
                 t_data = time.perf_counter() - start
-                _step_reference(model, optimizer, L, target, weights, amp_dtype)
+                _step_reference(forward, optimizer, L, target, weights, amp_dtype)
                 _sync(device)
                 if i >= warmup:
                     step_times.append(time.perf_counter() - start)
@@ -796,7 +804,7 @@ def section_pretrain(args, device: torch.device, common: dict, report: Report) -
     ours = ["ours_device", "ours_workers"] if device.type == "cuda" else ["ours_workers"]
     variants = ["compute", *ours, "reference"]
     jobs = [{**common, "section": "pretrain", "encoder": e, "crop": c, "batch": b, "steps": steps, "warmup": warmup,
-             "jpeg_dir": str(folder), "variant": v} for e, (c, b) in plan.items() for v in variants]
+             "jpeg_dir": str(folder), "variant": v, "compile": args.compile} for e, (c, b) in plan.items() for v in variants]
     try:
         results = _run_all(jobs, not args.no_progress)
     finally:
@@ -807,7 +815,8 @@ def section_pretrain(args, device: torch.device, common: dict, report: Report) -
     for encoder, (crop, batch) in plan.items():
         settings = {"encoder": encoder, "crop": crop, "batch": batch, "steps": steps, "warmup": warmup,
                     "resize": 256, "jpeg_dir": str(folder), "workers": common["workers"],
-                    "amp": "bf16" if device.type == "cuda" else "none", "channels_last": device.type == "cuda"}
+                    "amp": "bf16" if device.type == "cuda" else "none", "channels_last": device.type == "cuda",
+                    "compile": args.compile or "none", "adam": "fused" if device.type == "cuda" else "foreach"}
         ref = by_key[(encoder, "reference")]
         compute = by_key[(encoder, "compute")]
         report.add("pretrain", f"{encoder}/compute", {**settings, "data": "synthetic batch, L and targets ready on the device"}, compute)

@@ -90,6 +90,23 @@ def rgb_to_lab(rgb: torch.Tensor, validate: bool = True) -> torch.Tensor:
     return _channels_first(lab)
 
 
+def rgb_to_lightness(rgb: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """sRGB in [0, 1], shape (..., 3, H, W) -> the L channel of :func:`rgb_to_lab`, shape (..., 1, H, W).
+
+    L depends on Y alone (L = 116 f(Y / Y_n) - 16), so only the middle row of the sRGB -> XYZ matrix
+    is needed: the network's full-resolution input costs a third of the Lab arithmetic, while a and b
+    are only ever needed on the loss grid (PROTOCOL.md sections 1 and 2).
+    """
+    if validate:
+        _validate(rgb, "rgb_to_lightness", (0.0, 1.0))
+    xyz_from_rgb, _, white = _constants(rgb.device, rgb.dtype)
+    linear = torch.where(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    y_row = (xyz_from_rgb[1] / white[1]).reshape(3, 1, 1)
+    y = (linear * y_row).sum(dim=-3, keepdim=True)
+    f = torch.where(y > _EPSILON, y.clamp(min=_EPSILON) ** (1.0 / 3.0), _KAPPA * y + 16.0 / 116.0)
+    return 116.0 * f - 16.0
+
+
 def lab_to_rgb(lab: torch.Tensor, clip: bool = True, validate: bool = True) -> torch.Tensor:
     """Lab, shape (..., 3, H, W) -> sRGB, clipped to [0, 1] (as scikit-image's lab2rgb) unless clip=False.
 

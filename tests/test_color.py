@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.color import lab2rgb, rgb2lab
 
-from ssl_colorize.color import lab_to_rgb, rgb_to_lab
+from ssl_colorize.color import lab_to_rgb, rgb_to_lab, rgb_to_lightness
 
 
 def _as_image(rgb_rows: np.ndarray) -> torch.Tensor:
@@ -21,6 +21,18 @@ def test_rgb_to_lab_matches_skimage_on_a_million_colours():
     ours = rgb_to_lab(_as_image(colours).float())[0, :, 0, :].T.double().numpy()
     reference = rgb2lab(colours[None])[0]
     assert np.abs(ours - reference).max() < 1e-3
+
+
+def test_lightness_alone_is_skimages_L_channel():
+    rng = np.random.default_rng(3)
+    colours = np.concatenate([rng.random((200_000, 3)), rng.random((1000, 3)) * 0.02])  # the linear toe too
+    L = rgb_to_lightness(_as_image(colours).float())
+    assert L.shape == (1, 1, 1, colours.shape[0])
+    assert np.abs(L[0, 0, 0].double().numpy() - rgb2lab(colours[None])[0][:, 0]).max() < 1e-3
+    batch = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(rgb_to_lightness(batch), rgb_to_lab(batch)[:, :1], atol=1e-10)
+    with pytest.raises(ValueError, match="rgb_to_lightness"):
+        rgb_to_lightness(batch * 2)
 
 
 def test_rgb_cube_corners_and_round_trip():

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from skimage.color import rgb2lab
 
+from ssl_colorize.color import rgb_to_lab
 from ssl_colorize.data import ImageFiles, builtin_photos, read_image
 from ssl_colorize.data.fast_path import (
     PretrainLoader,
@@ -165,9 +166,12 @@ def test_reference_crops_are_our_crops(tmp_path):
 def test_prepare_targets_is_the_trainers_lab_step():
     images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     L, ab, encoded = prepare_targets(images, TargetSpec(4, k=5, sigma=3.0))
-    L_ref, ab_ref = lab_inputs(images, 4)
-    assert torch.equal(L, L_ref) and torch.equal(ab, ab_ref)
-    idx, w = soft_encode(ab_ref, k=5, sigma=3.0)
+    lab = rgb_to_lab(images.double() / 255)  # the whole image converted, then decimated
+    L_ref, ab_ref = lab[:, :1], lab[:, 1:, ::4, ::4]
+    assert L.shape == L_ref.shape and (L.double() - L_ref).abs().max() < 1e-4
+    assert ab.shape == ab_ref.shape and (ab.double() - ab_ref).abs().max() < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(lab_inputs(images, 4), (L, ab)))  # the trainer's step is this one
+    idx, w = soft_encode(ab, k=5, sigma=3.0)
     assert torch.equal(encoded[0], idx) and torch.equal(encoded[1], w)
     assert prepare_targets(images, TargetSpec(4, encode=False))[2] is None
     with pytest.raises(ValueError, match="uint8"):

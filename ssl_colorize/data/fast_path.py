@@ -9,10 +9,11 @@ Two ways to get there, chosen by ``data_path`` (``--data-path`` in the trainer):
   ahead of the training step. Files that are not JPEG, or that the batched call rejects, are decoded on
   the CPU one by one and moved; files nothing can decode are skipped and named, as in the plain path.
 * ``"workers"`` (what ``"auto"`` picks otherwise): DataLoader worker processes decode (libjpeg-turbo),
-  resize, crop and mirror each image, as ``ssl_colorize.pretrain`` always did. On the CPU the workers
-  also compute Lab and the soft targets of their batch in the collate step, so the training process only
-  runs the network; on CUDA the uint8 batch travels in pinned memory and Lab / targets are computed on a
-  side stream.
+  resize, crop and mirror each image, as ``ssl_colorize.pretrain`` always did, and compute ab on the loss
+  grid and its soft encoding in the collate step (1/stride^2 of the pixels: cheap on a CPU). For a CPU
+  trainer they compute L too, so the training process only runs the network; for a GPU trainer the uint8
+  batch and the targets travel in pinned memory and L is computed on a side stream (on an H100 the
+  targets on the GPU took 1.7 ms of a 15 ms alexnet_lab step, time the network then waited for).
 
 Nothing about the crops changes between the paths (DESIGN.md, "data moves left to right once"): each
 sample's crop window and mirror come from :func:`~ssl_colorize.data.transforms.random_crop_flip` with a
@@ -30,6 +31,7 @@ device. :attr:`PretrainLoader.wait_seconds` is the time the consumer spent block
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_colorize.color import rgb_to_lab
+from ssl_colorize.color import rgb_to_lab, rgb_to_lightness
 from ssl_colorize.data.images import ImageFiles, Sample, SkippedFile
 from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
 from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA, decimate, soft_encode
@@ -90,25 +92,44 @@ class TargetSpec:
             raise ValueError(f"TargetSpec: grid_stride must be a positive integer, got {self.grid_stride}")
 
 
+def _check_images(images: torch.Tensor, name: str) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name}: expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+
+
+def lightness_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) -> the network's input L (N, 1, H, W) in [0, 100].
+
+    Contiguous (or channels-last when asked), so that a CPU network fed it does not switch to
+    channels-last throughout (measured 1.5x slower for alexnet_lab at 64 px on this project's CPU).
+    """
+    _check_images(images, "lightness_input")
+    L = rgb_to_lightness(images.float().div_(255.0), validate=False)
+    return L.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def grid_targets(images: torch.Tensor, spec: TargetSpec) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """uint8 RGB (N, 3, H, W) -> (ab on the loss grid, its soft encoding ``(indices, weights)`` or None).
+
+    The loss grid keeps every ``grid_stride``-th pixel with no averaging (PROTOCOL.md section 2), and Lab
+    is a per-pixel function, so converting the kept pixels alone gives the same ab as converting the
+    whole image and decimating: 1/stride^2 of the work (1/64 for AlexNet), cheap enough for a CPU worker.
+    """
+    _check_images(images, "grid_targets")
+    grid = decimate(images, spec.grid_stride)
+    ab = rgb_to_lab(grid.float().div_(255.0), validate=False)[:, 1:].contiguous()
+    encoded = soft_encode(ab, k=spec.k, sigma=spec.sigma) if spec.encode else None
+    return ab, encoded
+
+
 def prepare_targets(
     images: torch.Tensor, spec: TargetSpec, channels_last: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """uint8 RGB (N, 3, H, W) on its device -> (L (N, 1, H, W) in [0, 100], ab on the loss grid, soft
-    encoding ``(indices, weights)`` or None).
-
-    The same arithmetic as ``ssl_colorize.pretrain.lab_inputs`` followed by the loss's
-    ``soft_encode(ab, k, sigma)``. L and ab are made contiguous so that they do not keep the full Lab
-    tensor alive (nor drag it through shared memory when a worker computed them), and so that L is not
-    the channel slice of ``rgb_to_lab``'s channels-last result: fed that strided view, a CPU network runs
-    in channels-last throughout (measured 1.5x slower for alexnet_lab at 64 px on this project's CPU).
+    encoding ``(indices, weights)`` or None): :func:`lightness_input` and :func:`grid_targets`, the same
+    values as ``ssl_colorize.pretrain.lab_inputs`` followed by the loss's ``soft_encode(ab, k, sigma)``.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"prepare_targets: expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
-    lab = rgb_to_lab(images.float().div_(255.0), validate=False)
-    L = lab[:, :1].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    ab = decimate(lab[:, 1:], spec.grid_stride).contiguous()
-    encoded = soft_encode(ab, k=spec.k, sigma=spec.sigma) if spec.encode else None
-    return L, ab, encoded
+    return lightness_input(images, channels_last), *grid_targets(images, spec)
 
 
 @dataclass
@@ -180,10 +201,12 @@ class SeededCrops(Dataset):
 
 class CropCollate:
     """Stack a worker's crops into a :class:`PretrainBatch`; with a :class:`TargetSpec`, also compute
-    L, ab and the soft encoding there (so they are ready when the batch reaches the trainer)."""
+    ab on the loss grid and its soft encoding there, and L too when ``lightness`` (a CPU trainer: the
+    batch is then final). For a GPU trainer L is left to the GPU: a full-resolution float image would
+    quadruple the bytes to copy, and its few elementwise operations cost the GPU next to nothing."""
 
-    def __init__(self, crop: int, targets: TargetSpec | None = None):
-        self.crop, self.targets = int(crop), targets
+    def __init__(self, crop: int, targets: TargetSpec | None = None, lightness: bool = True):
+        self.crop, self.targets, self.lightness = int(crop), targets, lightness
 
     def __call__(self, items: list) -> PretrainBatch:
         good = [s for s in items if isinstance(s, Sample)]
@@ -197,7 +220,9 @@ class CropCollate:
             skipped,
         )
         if self.targets is not None:
-            batch.L, batch.ab, batch.encoded = prepare_targets(batch.images, self.targets)
+            batch.ab, batch.encoded = grid_targets(batch.images, self.targets)
+            if self.lightness:
+                batch.L = lightness_input(batch.images)
         return batch
 
 
@@ -216,12 +241,22 @@ class EncodedSample:
 
 @dataclass
 class EncodedBatch:
-    data: list[torch.Tensor]
+    """A batch of undecoded files. Their bytes travel from the worker as one buffer (``buffer``, with
+    ``offsets``): each tensor that crosses a process boundary costs a shared-memory segment and a file
+    descriptor, and one per file was measured to throttle the path."""
+
+    buffer: torch.Tensor
+    offsets: list[int]
     labels: list[int]
     indices: list[int]
     seeds: list[int]
     paths: list[str]
     skipped: list[str]
+
+    @property
+    def data(self) -> list[torch.Tensor]:
+        """Each file's bytes: views of ``buffer``."""
+        return [self.buffer[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
 
 class EncodedFiles(Dataset):
@@ -249,8 +284,11 @@ class EncodedFiles(Dataset):
 
 def collate_encoded(items: list) -> EncodedBatch:
     good = [s for s in items if isinstance(s, EncodedSample)]
+    sizes = [s.data.numel() for s in good]
+    offsets = [0, *itertools.accumulate(sizes)]
+    buffer = torch.cat([s.data for s in good]) if good else torch.empty(0, dtype=torch.uint8)
     return EncodedBatch(
-        [s.data for s in good], [s.label for s in good], [s.index for s in good], [s.seed for s in good],
+        buffer, offsets, [s.label for s in good], [s.index for s in good], [s.seed for s in good],
         [s.path for s in good], [s.path for s in items if isinstance(s, SkippedFile)],
     )
 
@@ -384,9 +422,6 @@ class PretrainLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     # -------------------------------------------------------------------------------- host side
-    def _worker_targets(self) -> TargetSpec | None:
-        """Workers compute the targets only when the batch stays on the CPU."""
-        return self.targets if self.device.type == "cpu" else None
 
     def host_loader(self) -> DataLoader:
         """The DataLoader of the chosen path: crops (+ targets on the CPU), or the files' bytes."""
@@ -394,7 +429,8 @@ class PretrainLoader:
             dataset, collate = EncodedFiles(self.files), collate_encoded
             pin = False  # nvJPEG stages the bytes through its own pinned buffers
         else:
-            dataset, collate = SeededCrops(self.files, self.crop, self.resize), CropCollate(self.crop, self._worker_targets())
+            dataset = SeededCrops(self.files, self.crop, self.resize)
+            collate = CropCollate(self.crop, self.targets, lightness=self.device.type == "cpu")
             pin = self.pin_memory
         return DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
                           collate_fn=collate, pin_memory=pin, prefetch_factor=4 if self.workers else None,
@@ -402,13 +438,16 @@ class PretrainLoader:
 
     # ------------------------------------------------------------------------------ device side
     def _complete(self, batch: PretrainBatch) -> PretrainBatch:
-        """Memory format and (when not done by a worker) L, ab and the soft encoding, on the device."""
+        """Memory format and what a worker did not compute (L; ab and the soft encoding), on the device."""
         if self.channels_last:
             batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             if batch.L is not None:
                 batch.L = batch.L.contiguous(memory_format=torch.channels_last)
-        if self.targets is not None and batch.L is None and batch.images.shape[0] > 0:
-            batch.L, batch.ab, batch.encoded = prepare_targets(batch.images, self.targets, self.channels_last)
+        if self.targets is not None and batch.images.shape[0] > 0:
+            if batch.ab is None:
+                batch.ab, batch.encoded = grid_targets(batch.images, self.targets)
+            if batch.L is None:
+                batch.L = lightness_input(batch.images, self.channels_last)
         return batch
 
     def finish(self, host_batch) -> PretrainBatch:
