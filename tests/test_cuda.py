@@ -24,6 +24,7 @@ from ssl_colorize.data.fast_path import (
     TargetSpec,
     decode_batch,
     device_decode_available,
+    resolve_data_path,
 )
 from ssl_colorize.losses import soft_target_cross_entropy
 from ssl_colorize.pretrain import ResumableSampler, get_args_parser, main
@@ -100,8 +101,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def test_nvjpeg_is_available():
+def test_nvjpeg_is_available_and_auto_follows_the_cores():
     assert device_decode_available("cuda"), "this torchvision cannot decode JPEGs on the GPU"
+    assert resolve_data_path("auto", CUDA, cores=4) == "device"
+    assert resolve_data_path("auto", CUDA, cores=16) == "workers"
 
 
 def test_batched_device_decode_is_close_to_the_cpu_decoder(jpeg_folder):
@@ -153,4 +156,20 @@ def test_trainer_runs_and_resumes_on_cuda(tmp_path, data_path):
     assert np.isfinite(losses).all() and losses.min() > 0
     config = json.loads((Path(result["out"]) / "config.json").read_text())
     assert config["device"].startswith("cuda") and config["data_path"] == data_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_trainer_compiled_with_cuda_graphs(tmp_path):
+    """--compile reduce-overhead (CUDA graphs): the same run trains, and its checkpoint loads."""
+    from ssl_colorize.checkpoint import load_encoder
+
+    args = ["--device", "cuda", "--crop", "64", "--resize", "72", "--batch-size", "8", "--workers", "2",
+            "--no-progress", "--log-every", "1", "--steps", "8", "--compile", "reduce-overhead",
+            "--out", str(tmp_path / "run")]
+    result = main(get_args_parser().parse_args(args))
+    log = [json.loads(line) for line in (Path(result["out"]) / "log.jsonl").read_text().splitlines()]
+    losses = np.array([r["loss"] for r in log])
+    assert len(losses) == 8 and np.isfinite(losses).all()
+    model = load_encoder(Path(result["out"]) / "checkpoint.pth")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -182,6 +182,7 @@ def test_prepare_targets_is_the_trainers_lab_step():
 
 def test_resolve_data_path_and_options():
     assert resolve_data_path("auto", "cpu") == "workers"
+    assert resolve_data_path("auto", "cpu", cores=1) == "workers"  # no GPU decoder on the CPU
     assert resolve_data_path("device", "cpu") == "device"
     with pytest.raises(ValueError, match="--data-path"):
         resolve_data_path("gpu", "cpu")

@@ -2,18 +2,20 @@
 
 Two ways to get there, chosen by ``data_path`` (``--data-path`` in the trainer):
 
-* ``"device"`` (what ``"auto"`` picks on CUDA when nvJPEG works): DataLoader workers only read each
-  file's bytes; a producer thread decodes the whole batch in one call on the GPU (torchvision's batched
-  nvJPEG decode), resizes, crops and mirrors every image there, stacks them, makes the batch
-  channels-last and computes Lab and the soft targets, all on a side CUDA stream, one or two batches
-  ahead of the training step. Files that are not JPEG, or that the batched call rejects, are decoded on
-  the CPU one by one and moved; files nothing can decode are skipped and named, as in the plain path.
-* ``"workers"`` (what ``"auto"`` picks otherwise): DataLoader worker processes decode (libjpeg-turbo),
-  resize, crop and mirror each image, as ``ssl_colorize.pretrain`` always did, and compute ab on the loss
-  grid and its soft encoding in the collate step (1/stride^2 of the pixels: cheap on a CPU). For a CPU
-  trainer they compute L too, so the training process only runs the network; for a GPU trainer the uint8
-  batch and the targets travel in pinned memory and L is computed on a side stream (on an H100 the
-  targets on the GPU took 1.7 ms of a 15 ms alexnet_lab step, time the network then waited for).
+* ``"device"`` (what ``"auto"`` picks on CUDA when nvJPEG works and fewer than
+  :data:`AUTO_WORKERS_MIN_CORES` cores are available): DataLoader workers only read each file's bytes; a
+  producer thread decodes the whole batch in one call on the GPU (torchvision's batched nvJPEG decode),
+  resizes, crops and mirrors every image there, stacks them, makes the batch channels-last and computes
+  L, ab and the soft targets, all on a side CUDA stream, one or two batches ahead of the training step.
+  Files that are not JPEG, or that the batched call rejects, are decoded on the CPU one by one and moved;
+  files nothing can decode are skipped and named, as in the plain path.
+* ``"workers"`` (what ``"auto"`` picks otherwise; the faster path where the cores allow): DataLoader
+  worker processes decode (libjpeg-turbo), resize, crop and mirror each image, as
+  ``ssl_colorize.pretrain`` always did, and compute ab on the loss grid and its soft encoding in the
+  collate step (1/stride^2 of the pixels: cheap on a CPU). For a CPU trainer they compute L too, so the
+  training process only runs the network; for a GPU trainer the uint8 batch and the targets travel in
+  pinned memory and L is computed on a side stream (on an H100 the targets computed on the GPU took
+  1.7 ms of a 15 ms alexnet_lab step, time the network then waited for).
 
 Nothing about the crops changes between the paths (DESIGN.md, "data moves left to right once"): each
 sample's crop window and mirror come from :func:`~ssl_colorize.data.transforms.random_crop_flip` with a
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -345,15 +348,34 @@ def device_decode_available(device: str) -> bool:
     return True
 
 
-def resolve_data_path(name: str, device: torch.device | str) -> str:
+#: "auto" keeps decoding on the CPU when this process may use at least this many cores. Measured on an
+#: H100 with 16 cores (8 workers, results/throughput.csv): the workers path fed alexnet_lab at 180 px
+#: 5369 img/s (1.3% of the step waiting for data) against 4932 img/s for nvJPEG decoding, which shares
+#: the GPU with the step; one worker decodes, crops and encodes ~870 img/s, so fewer cores cannot keep
+#: such a GPU busy and the device path (~4500 img/s alone, one core) is then the faster one.
+AUTO_WORKERS_MIN_CORES = 8
+
+
+def available_cores() -> int:
+    """Cores this process may run on (SLURM's --cpus-per-task, taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_data_path(name: str, device: torch.device | str, cores: int | None = None) -> str:
     """``--data-path`` -> "workers" or "device". "auto": "device" on a CUDA device whose torchvision
-    decodes JPEGs there, else "workers". "device" on the CPU is allowed (the batched decode then runs in
-    the training process; the tests use it to compare the paths)."""
+    decodes JPEGs there when fewer than :data:`AUTO_WORKERS_MIN_CORES` cores (``cores``, default
+    :func:`available_cores`) are available, else "workers". "device" on the CPU is allowed (the batched
+    decode then runs in the training process; the tests use it to compare the paths)."""
     device = torch.device(device)
     if name not in DATA_PATHS:
         raise ValueError(f"--data-path must be one of {DATA_PATHS}, got {name!r}")
     if name == "auto":
-        return "device" if device_decode_available(str(device)) else "workers"
+        cores = available_cores() if cores is None else cores
+        few_cores = cores < AUTO_WORKERS_MIN_CORES
+        return "device" if few_cores and device_decode_available(str(device)) else "workers"
     if name == "device" and device.type == "cuda" and not device_decode_available(str(device)):
         raise ValueError(f"--data-path device: this torchvision cannot decode JPEGs on {device} (no nvJPEG); "
                          "use --data-path workers")
