@@ -4,7 +4,7 @@ The classification loss is L = -(1/P) sum_p v_p sum_q Z_pq log softmax(x_p)_q, w
 (k non-zero entries per pixel) and v_p the rebalancing weight of the pixel's nearest bin. Because the k
 weights of Z sum to 1, each pixel's term is  v_p * (logsumexp(x_p) - sum_j w_pj x_p,idx_pj):
 a log-normaliser per pixel and a gather of k logits. Nothing of size (pixels x 313) is built besides
-the gradient itself, which backward writes directly: (softmax(x) - Z) * v / P.
+the gradient itself, (softmax(x) - Z) * v / P, written directly in the same pass as the forward.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA, soft_encode
 
-# Logits per chunk for the log-normaliser and the softmax of the backward pass: bounds the scratch
+# Logits per chunk for the log-normaliser and the softmax of the gradient: bounds the scratch
 # memory however large the batch. On the CPU one image per chunk (it stays in cache); on a GPU ~8 M
 # logits (32 MB in float32, 8 images at the paper's 313 x 56 x 56), so the work is a few large kernels
 # instead of one small launch per image.
@@ -32,59 +32,93 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-def _logsumexp_chunked(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over dim 1 in at least float32, a few images at a time -> (N, H, W)."""
-    dtype = _compute_dtype(logits)
-    out = torch.empty((logits.shape[0],) + tuple(logits.shape[2:]), dtype=dtype, device=logits.device)
-    step = _chunk_images(logits)
-    for start in range(0, logits.shape[0], step):
-        out[start : start + step] = torch.logsumexp(logits[start : start + step].to(dtype), dim=1)
-    return out
-
-
 class _SoftTargetCrossEntropy(torch.autograd.Function):
-    """Forward: mean over pixels of v_p * (lse_p - <w_p, x_p[idx_p]>). Backward: (softmax - Z) * v * g / P."""
+    """Forward: mean over pixels of v_p * (lse_p - <w_p, x_p[idx_p]>). Backward: (softmax - Z) * v * g / P.
+
+    When the logits need a gradient, the forward pass also writes it, for an upstream gradient of 1,
+    in the same pass over each chunk: exp(x - max) is both the log-normaliser's sum and, once divided by
+    that sum, the softmax. The exponentials are then computed once instead of twice (forward, then
+    backward), which was most of the loss's CPU time. Backward hands that tensor over (scaled by the
+    upstream gradient when it is not 1); a second backward through the same graph (retain_graph)
+    recomputes it from the saved logits.
+    """
 
     @staticmethod
     def forward(ctx, logits, indices, weights, pixel_weights):
-        lse = _logsumexp_chunked(logits)
-        gathered = logits.gather(1, indices).to(lse.dtype)
-        per_pixel = lse - (weights.to(lse.dtype) * gathered).sum(1)
+        dtype = _compute_dtype(logits)
+        same_dtype = logits.dtype == dtype
+        lse = torch.empty((logits.shape[0],) + tuple(logits.shape[2:]), dtype=dtype, device=logits.device)
+        target_dot = torch.empty_like(lse)  # sum_j w_pj x_p,idx_pj
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if want_grad else None
+        num_pixels = lse.numel()
+        step = _chunk_images(logits)
+        for start in range(0, logits.shape[0], step):
+            sl = slice(start, start + step)
+            x = logits[sl].to(dtype)
+            # Gathered while the chunk is in cache, and reduced at once: no (N, k, H, W) buffer.
+            target_dot[sl] = (weights[sl].to(dtype) * x.gather(1, indices[sl])).sum(1)
+            out = grad[sl] if want_grad and same_dtype else None
+            shifted, peak, total = _exp_shifted(x, out)
+            lse[sl] = (peak + total.log()).squeeze(1)
+            if want_grad:
+                _softmax_minus_target_(shifted, total, indices[sl], weights[sl], _pixel_scale(pixel_weights, sl, total, num_pixels))
+                if not same_dtype:
+                    grad[sl] = shifted
+        per_pixel = lse - target_dot
         if pixel_weights is not None:
             per_pixel = per_pixel * pixel_weights
         ctx.save_for_backward(logits, indices, weights, pixel_weights, lse)
+        ctx.precomputed_grad = grad
         return per_pixel.mean()
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, indices, weights, pixel_weights, lse = ctx.saved_tensors
-        num_pixels = lse.numel()
-        scale = grad_output.to(lse.dtype) / num_pixels
-        per_pixel_scale = scale * (pixel_weights if pixel_weights is not None else torch.ones_like(lse))
-        grad = torch.empty_like(logits)
-        same_dtype = logits.dtype == lse.dtype
-        # With a non-negative scale (always, in training) it is folded into the exponent:
-        # s * exp(x - lse) = exp(x - (lse - log s)), which saves a pass over the logits. The sign is only
-        # read where it costs no device sync (CPU); elsewhere the scale is a separate multiplication.
-        fold = same_dtype and grad_output.device.type == "cpu" and float(grad_output) >= 0
-        if fold:
-            shift = lse - torch.log(per_pixel_scale)  # log 0 = -inf: a zero-weight pixel gets exp(-inf) = 0
-        step = _chunk_images(logits)
-        for start in range(0, logits.shape[0], step):
-            sl = slice(start, start + step)
-            if fold:
-                chunk = torch.sub(logits[sl], shift[sl, None], out=grad[sl]).exp_()
-                chunk.scatter_add_(1, indices[sl], -(weights[sl].to(lse.dtype) * per_pixel_scale[sl, None]))
-                continue
-            if same_dtype:  # softmax written straight into the gradient, no scratch
-                chunk = torch.sub(logits[sl], lse[sl, None], out=grad[sl]).exp_()
-            else:  # bf16/half logits: the softmax in float32, one chunk at a time
-                chunk = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])
-            chunk.scatter_add_(1, indices[sl], -weights[sl].to(lse.dtype))
-            chunk.mul_(per_pixel_scale[sl, None])
-            if not same_dtype:
-                grad[sl] = chunk
-        return grad, None, None, None
+        grad, ctx.precomputed_grad = ctx.precomputed_grad, None
+        if grad is not None:
+            return _scaled(grad, grad_output), None, None, None
+        return _recomputed_grad(ctx, grad_output), None, None, None
+
+
+def _exp_shifted(x: torch.Tensor, out: torch.Tensor | None = None):
+    """exp(x - max_q x) over dim 1 (written into ``out`` when given), the max, and the sum of the exps."""
+    peak = x.amax(dim=1, keepdim=True)
+    shifted = torch.sub(x, peak, out=out).exp_()
+    return shifted, peak, shifted.sum(dim=1, keepdim=True)
+
+
+def _pixel_scale(pixel_weights, sl: slice, total: torch.Tensor, num_pixels: int) -> torch.Tensor:
+    """v_p / P for the chunk, shaped (chunk, 1, H, W)."""
+    weights = pixel_weights[sl, None] if pixel_weights is not None else torch.ones_like(total)
+    return weights / num_pixels
+
+
+def _softmax_minus_target_(shifted, total, indices, weights, scale) -> torch.Tensor:
+    """In place: exp(x - max) -> (softmax(x) - Z) * scale, the gradient of a chunk (Z: k weights at indices)."""
+    shifted.mul_(scale / total)
+    return shifted.scatter_add_(1, indices, -(weights.to(shifted.dtype) * scale))
+
+
+def _recomputed_grad(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    """The forward pass's gradient, recomputed from the saved logits with the same arithmetic (so a
+    repeated backward gives the same values bit for bit), times the upstream gradient."""
+    logits, indices, weights, pixel_weights, lse = ctx.saved_tensors
+    grad = torch.empty_like(logits)
+    step = _chunk_images(logits)
+    for start in range(0, logits.shape[0], step):
+        sl = slice(start, start + step)
+        shifted, _, total = _exp_shifted(logits[sl].to(lse.dtype))
+        _softmax_minus_target_(shifted, total, indices[sl], weights[sl], _pixel_scale(pixel_weights, sl, total, lse.numel()))
+        grad[sl] = shifted
+    return _scaled(grad, grad_output)
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    # On the CPU the common upstream gradient of exactly 1 costs no pass; on a GPU reading it would cost
+    # a device sync, and a multiplication costs next to nothing.
+    if grad_output.device.type != "cpu" or float(grad_output) != 1.0:
+        grad.mul_(grad_output.to(grad.dtype))
+    return grad
 
 
 def _check_logits_ab(logits: torch.Tensor, ab: torch.Tensor, name: str) -> None:
