@@ -25,8 +25,12 @@ DEFAULT_LAMBDA = 0.5
 DEFAULT_TEMPERATURE = 0.38
 GREY_THRESHOLD = 5.0
 
-# Pixels per chunk of the neighbour search (brute force: 16k x 313 floats, 20 MB of scratch; grid: 2 MB).
+# Pixels per chunk of the neighbour search (brute force: 16k x 313 floats, 20 MB of scratch). The grid
+# search uses smaller chunks on the CPU, where its scratch adds to the loss's peak memory (8k pixels:
+# about 2 MB), and larger ones on a GPU, where each chunk costs a dozen kernel launches.
 _CHUNK_PIXELS = 16384
+_GRID_CHUNK_PIXELS = {"cpu": 8192}
+_GRID_CHUNK_PIXELS_OTHER = 65536
 
 
 @lru_cache(maxsize=None)
@@ -148,12 +152,14 @@ def _nearest_bins(ab: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     # a and b apart: two flat lookups are cheaper than gathering (chunk, M, 2) rows of the table.
     center_a, center_b = padded[:, 0].contiguous(), padded[:, 1].contiguous()
     point_a, point_b = ab[:, 0], ab[:, 1]
-    cell = torch.floor((ab - _CELL_LO) / _CELL_SIZE).long()
-    inside = ((cell >= 0) & (cell < _CELLS)).all(1)
-    cell_id = cell[:, 0].clamp(0, _CELLS - 1) * _CELLS + cell[:, 1].clamp(0, _CELLS - 1)
-    for start in range(0, ab.shape[0], _CHUNK_PIXELS):
-        sl = slice(start, start + _CHUNK_PIXELS)
-        candidates = table_t.index_select(0, cell_id[sl])  # (chunk, M)
+    inside = torch.empty(ab.shape[0], dtype=torch.bool, device=ab.device)
+    chunk_pixels = _GRID_CHUNK_PIXELS.get(ab.device.type, _GRID_CHUNK_PIXELS_OTHER)
+    for start in range(0, ab.shape[0], chunk_pixels):
+        sl = slice(start, start + chunk_pixels)
+        cell = torch.floor((ab[sl] - _CELL_LO) / _CELL_SIZE).long()
+        inside[sl] = ((cell >= 0) & (cell < _CELLS)).all(1)
+        cell_id = cell[:, 0].clamp(0, _CELLS - 1) * _CELLS + cell[:, 1].clamp(0, _CELLS - 1)
+        candidates = table_t.index_select(0, cell_id)  # (chunk, M)
         flat = candidates.reshape(-1)
         da = center_a.index_select(0, flat).view(candidates.shape) - point_a[sl, None]
         db = center_b.index_select(0, flat).view(candidates.shape) - point_b[sl, None]
