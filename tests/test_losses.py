@@ -67,3 +67,16 @@ def test_l2_loss_value_and_gradient():
 def test_mismatched_grids_are_rejected():
     with pytest.raises(ValueError, match="share N, H and W"):
         soft_target_cross_entropy(torch.zeros(1, 313, 4, 4), torch.zeros(1, 2, 8, 8))
+
+
+def test_repeated_backward_recomputes_the_same_gradient():
+    """The forward pass writes the gradient; a second backward (retain_graph) recomputes it, bit for bit."""
+    torch.manual_seed(2)
+    ab = torch.empty(3, 2, 4, 4).uniform_(-100, 100)
+    logits = torch.randn(3, 313, 4, 4, requires_grad=True)
+    loss = soft_target_cross_entropy(logits, ab, rebalance_weights(load_prior()))
+    (first,) = torch.autograd.grad(loss * 2.5, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 2.5, logits)
+    assert torch.equal(first, second)
+    with torch.no_grad():  # no gradient wanted: none is written, the value is the same
+        assert torch.equal(soft_target_cross_entropy(logits, ab, rebalance_weights(load_prior())), loss.detach())
