@@ -144,8 +144,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(CUDA graphs) measured 5852 against 5333 img/s eager for alexnet_lab on an H100")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cpus - 1))")
     p.add_argument("--data-path", default="auto", choices=DATA_PATHS,
-                   help="device: batched JPEG decoding, crops, Lab and targets on the GPU; workers: CPU worker "
-                        "processes; auto: device on a GPU with nvJPEG, else workers")
+                   help="workers: CPU worker processes decode, crop and soft-encode; device: batched nvJPEG "
+                        "decoding, crops, L and targets on the GPU; auto: workers when this process may use "
+                        ">= 8 cores (or on a CPU), else device on a GPU with nvJPEG")
     p.add_argument("--ckpt-every", type=int, default=None, help="rolling checkpoint + preview every N steps")
     p.add_argument("--snapshot-every", type=int, default=None, help="keep a snapshot every N steps")
     p.add_argument("--log-every", type=int, default=10, help="log the mean loss and the rate every N steps")

@@ -29,8 +29,7 @@ GREY_THRESHOLD = 5.0
 # search uses smaller chunks on the CPU, where its scratch adds to the loss's peak memory (8k pixels:
 # about 2 MB), and larger ones on a GPU, where each chunk costs a dozen kernel launches.
 _CHUNK_PIXELS = 16384
-_GRID_CHUNK_PIXELS = {"cpu": 8192}
-_GRID_CHUNK_PIXELS_OTHER = 65536
+_GRID_CHUNK_PIXELS_CPU, _GRID_CHUNK_PIXELS_GPU = 8192, 65536
 
 
 @lru_cache(maxsize=None)
@@ -153,7 +152,7 @@ def _nearest_bins(ab: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     center_a, center_b = padded[:, 0].contiguous(), padded[:, 1].contiguous()
     point_a, point_b = ab[:, 0], ab[:, 1]
     inside = torch.empty(ab.shape[0], dtype=torch.bool, device=ab.device)
-    chunk_pixels = _GRID_CHUNK_PIXELS.get(ab.device.type, _GRID_CHUNK_PIXELS_OTHER)
+    chunk_pixels = _GRID_CHUNK_PIXELS_CPU if ab.device.type == "cpu" else _GRID_CHUNK_PIXELS_GPU
     for start in range(0, ab.shape[0], chunk_pixels):
         sl = slice(start, start + chunk_pixels)
         cell = torch.floor((ab[sl] - _CELL_LO) / _CELL_SIZE).long()
