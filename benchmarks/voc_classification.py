@@ -74,6 +74,7 @@ from ssl_colorize.voc_transfer import (
     seed_everything,
     set_requires_grad,
     set_train_mode,
+    sgd_update,
     step_lr,
     to_model_input,
     trained_tensor_names,
@@ -316,12 +317,7 @@ def main(args: argparse.Namespace) -> dict:
             continue
         x = to_model_input(images.to(device, non_blocking=True), mode)
         loss = masked_bce(model(x), train_targets[indices].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
-        optimizer.step()
-        scheduler.step()
+        sgd_update(loss, optimizer, scheduler, args.clip_grad)
         losses.append(loss.item())
         if len(losses) % 20 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")

@@ -83,6 +83,7 @@ from ssl_colorize.voc_transfer import (
     schedule_length,
     seed_everything,
     set_train_mode,
+    sgd_update,
     step_lr,
     to_model_input,
 )
@@ -346,12 +347,7 @@ def main(args: argparse.Namespace) -> dict:
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         loss_dict = model(model_inputs(images, mode, device), targets)
         loss = sum(loss_dict.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        optimizer.step()
-        scheduler.step()
+        sgd_update(loss, optimizer, scheduler, args.clip_grad)
         losses.append(loss.item())
         if len(losses) % 10 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")

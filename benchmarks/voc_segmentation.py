@@ -80,6 +80,7 @@ from ssl_colorize.voc_transfer import (
     schedule_length,
     seed_everything,
     set_train_mode,
+    sgd_update,
     step_lr,
     to_model_input,
 )
@@ -347,12 +348,7 @@ def main(args: argparse.Namespace) -> dict:
         loss = F.cross_entropy(logits, masks.to(device).long(), ignore_index=IGNORE_LABEL)
         if not torch.isfinite(loss):  # a batch of crops holding only ignored pixels
             continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        optimizer.step()
-        scheduler.step()
+        sgd_update(loss, optimizer, scheduler, args.clip_grad)
         losses.append(loss.item())
         if len(losses) % 10 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")

@@ -284,6 +284,17 @@ class UntouchedGuard:
             raise RuntimeError(f"{what} changed encoder tensors it must leave alone: {shown}")
 
 
+def sgd_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, clip_grad: float) -> None:
+    """One fine-tuning update: backward, the gradient norm clipped to ``clip_grad`` over the optimizer's
+    parameters when positive (``--clip-grad``), the step and the schedule's step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    optimizer.step()
+    scheduler.step()
+
+
 # ----------------------------------------------------------------------------------------------
 # Data loading helpers
 # ----------------------------------------------------------------------------------------------
