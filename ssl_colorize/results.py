@@ -46,6 +46,9 @@ class ResultRow:
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
+#: How read_rows parses each column: text columns stay text even when a value looks like a number (a
+#: commit hash of only decimal digits, a run id "7"), seeds are nullable integers, values floats.
+_READ_DTYPES = {f.name: {"str": str, "int": "Int64", "float": float}[f.type] for f in fields(ResultRow)}
 
 
 @lru_cache(maxsize=1)
@@ -120,7 +123,7 @@ def read_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
     """All rows of one or more results CSVs (missing files are skipped) as one DataFrame."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    frames = [pd.read_csv(p, dtype={"seed": "Int64"}) for p in map(Path, paths) if p.is_file()]
+    frames = [pd.read_csv(p, dtype=_READ_DTYPES) for p in map(Path, paths) if p.is_file()]
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat(frames, ignore_index=True)

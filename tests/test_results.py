@@ -194,3 +194,15 @@ def test_cli_prints_the_table_and_draws_the_plot(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "ssl_colorize.results", str(csv_path), "--no-published"],
                           capture_output=True, text=True, cwd=REPO, check=True)
     assert "ours: alexnet_lab random" in done.stdout and "Zhang" not in done.stdout
+
+
+def test_text_columns_stay_text_when_they_look_like_numbers(tmp_path):
+    """A commit hash of decimal digits only (it happens: 264756118506) or a numeric run id is still text."""
+    path = tmp_path / "rows.csv"
+    results.append_rows(path, [results.ResultRow(run_id="7", benchmark="b", checkpoint="c", encoder="e", tap="conv1",
+                                                 dataset="d", split="val", protocol="p", metric="top1", value=1.5,
+                                                 seed=3, code_version="264756118506", time="t")])
+    table = results.read_rows(path)
+    assert table.loc[0, "code_version"] == "264756118506" and table.loc[0, "run_id"] == "7"
+    assert table["code_version"].str.len().min() == 12
+    assert table.loc[0, "seed"] == 3 and table.loc[0, "value"] == 1.5
