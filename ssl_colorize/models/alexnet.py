@@ -30,6 +30,7 @@ from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap, init_conv_weights_
 from ssl_colorize.targets import NUM_BINS
+from ssl_colorize.models.cards import EncoderCard, PretrainRecipe, ProbeDefaults, TransferDefaults
 from ssl_colorize.models.registry import register_model
 
 GEOMETRIES = ("train", "transfer")
@@ -116,7 +117,28 @@ class AlexNetLab(Encoder):
         return f"geometry={self.geometry!r}, input_space={self.input_space!r}"
 
 
-@register_model
+# The released solver (models/alexnet_lab/solver.prototxt ... see docs/protocols.md section 3): 180 px
+# crops, batch 80, Adam (0.9, 0.999), wd 1e-3, lr 3e-5 -> 1e-5 -> 3e-6 -> 1e-6 at 240k / 300k / 400k,
+# 450k iterations. Transfer as CaffeNet (227 px, the "transfer" geometry: same weights).
+ALEXNET_LAB_CARD = EncoderCard(
+    name="alexnet_lab",
+    family="alexnet",
+    pretrain=PretrainRecipe(180, 80, 450_000, 3e-5, (240_000, 300_000, 400_000), (1 / 3, 1 / 10, 1 / 30),
+                            (0.9, 0.999), 1e-3, source="released AlexNet-Lab solver"),
+    # The built-in default: 128 px images seen at 80 px (64 px crops), a few hundred steps of Adam at a
+    # higher rate (3e-5 is tuned for 450k iterations). The architecture is unchanged.
+    pretrain_builtin=PretrainRecipe(64, 32, 200, 1e-3, (140, 180), (0.3, 0.1), (0.9, 0.999), 1e-3, resize=80,
+                                    source="built-in default"),
+    probe=ProbeDefaults(crop=227, weight_decay=5e-4),
+    transfer=TransferDefaults(
+        crop=227, feature_tap="fc7", detection_tap="conv5", detection_head_stages=("fc6", "fc7"), detection_roi=6,
+        segmentation_tap="fc7", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None},
+        model_kwargs={"geometry": "transfer"}),
+    description="the paper's AlexNet on L",
+)
+
+
+@register_model(card=ALEXNET_LAB_CARD)
 def alexnet_lab(geometry: str = "train", in_chans: int = 1, out_channels: int = NUM_BINS) -> AlexNetLab:
     """AlexNet colorization encoder (PROTOCOL.md section 3); ``geometry`` in {"train", "transfer"}."""
     return AlexNetLab(geometry=geometry, in_chans=in_chans, out_channels=out_channels)

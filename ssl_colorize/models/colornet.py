@@ -19,6 +19,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap, init_conv_weights_
+from ssl_colorize.models.cards import EncoderCard, PretrainRecipe, ProbeDefaults, TransferDefaults
 from ssl_colorize.models.registry import register_model
 from ssl_colorize.targets import NUM_BINS
 
@@ -81,7 +82,24 @@ class ColorNet(Encoder):
         init_conv_weights_(self, head=self.head)
 
 
-@register_model
+# 176 px crops, batch 40, Adam (0.9, 0.99), wd 1e-3, lr 3e-5 with x0.1 steps, ~450k iterations
+# (docs/protocols.md section 3). No detection split: it has neither fc6 / fc7 nor res4 / res5.
+COLORNET_CARD = EncoderCard(
+    name="colornet",
+    family="vgg",
+    pretrain=PretrainRecipe(176, 40, 450_000, 3e-5, (200_000, 375_000), (0.1, 0.01), (0.9, 0.99), 1e-3,
+                            source="released colorization solver"),
+    pretrain_builtin=PretrainRecipe(64, 8, 150, 3e-4, (100, 130), (0.3, 0.1), (0.9, 0.99), 1e-3, resize=80,
+                                    source="built-in default"),
+    probe=ProbeDefaults(crop=224, weight_decay=5e-4),
+    transfer=TransferDefaults(
+        crop=224, feature_tap="conv5", detection_tap=None, detection_head_stages=(), detection_roi=0,
+        segmentation_tap="conv5", scopes={"fc8": (), "fc6-8": ("conv5",), "all": None}),
+    description="the paper's colorization network (VGG-style)",
+)
+
+
+@register_model(card=COLORNET_CARD)
 def colornet(out_channels: int = NUM_BINS) -> ColorNet:
     """The 32.2 M-parameter colorization network (paper Table 4); logits at 1/4 resolution."""
     return ColorNet(out_channels=out_channels)

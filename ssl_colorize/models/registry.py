@@ -25,8 +25,11 @@ MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _INIT_ONLY: dict[str, frozenset[str]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, init_only: Iterable[str] = ()):
-    """Decorator: register ``fn`` under ``fn.__name__``. Use bare or as ``@register_model(init_only=(...))``."""
+def register_model(fn: Callable[..., nn.Module] | None = None, *, init_only: Iterable[str] = (), card=None):
+    """Decorator: register ``fn`` under ``fn.__name__``. Use bare or as ``@register_model(card=..., init_only=(...))``.
+
+    ``card``: the encoder's :class:`~ssl_colorize.models.cards.EncoderCard` (its name must be the factory's).
+    """
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = factory.__name__
@@ -38,6 +41,12 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, init_only: Ite
         missing = [arg for arg in init_only if arg not in params]
         if missing:
             raise ValueError(f"init_only arguments {missing} are not parameters of {name!r}")
+        if card is not None:
+            from ssl_colorize.models.cards import add_card
+
+            if card.name != name:
+                raise ValueError(f"card {card.name!r} given to factory {name!r}")
+            add_card(card)
         MODEL_REGISTRY[name] = factory
         _INIT_ONLY[name] = frozenset(init_only)
         return factory
