@@ -1,4 +1,4 @@
-"""Colorization quality, the paper's Table 1 (PROTOCOL.md section 6): AuC, rebalanced AuC, colourfulness,
+"""Colorization quality, the paper's Table 1 (docs/protocols.md section 6): AuC, rebalanced AuC, colourfulness,
 semantic interpretability, and the annealing-temperature sweep.
 
     python benchmarks/colorization_quality.py --checkpoint runs/pretrain-alexnet_lab-builtin

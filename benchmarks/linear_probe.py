@@ -1,4 +1,4 @@
-"""Frozen-layer linear probes on conv1..conv5 (PROTOCOL.md section 4), all taps in one pass.
+"""Frozen-layer linear probes on conv1..conv5 (docs/protocols.md section 4), all taps in one pass.
 
     python benchmarks/linear_probe.py --checkpoint runs/pretrain/checkpoint.pth --layer all
     python benchmarks/linear_probe.py --checkpoint random --encoder alexnet_lab --layer all
@@ -55,7 +55,7 @@ BENCHMARK = "linear_probe"
 PROBE_CHECKPOINT = "probe_checkpoint.pth"
 PROBE_STATE_VERSION = 1
 
-# The protocol's schedule (PROTOCOL.md section 4): 140k iterations at batch 256 on ImageNet's
+# The protocol's schedule (docs/protocols.md section 4): 140k iterations at batch 256 on ImageNet's
 # 1,281,167 training images, i.e. round(140000 * 256 / 1281167) = 28 epochs, lr x0.1 at 40k, 80k and
 # 120k iterations. For any dataset the default keeps the epochs (so the iterations scale with its
 # size) and puts the steps at the same fractions of the run.
@@ -86,7 +86,7 @@ RESUME_KEYS = (
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Linear probes on frozen encoder taps (PROTOCOL.md section 4)", add_help=add_help
+        description="Linear probes on frozen encoder taps (docs/protocols.md section 4)", add_help=add_help
     )
     what = parser.add_argument_group("what to probe")
     what.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (file or run folder), or 'random'")
@@ -97,7 +97,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                            "for alexnet_rgb_torchvision; repeatable")
     what.add_argument("--geometry", default=None,
                       help="encoder geometry for encoders that have one (alexnet_lab): default 'transfer', "
-                           "the CaffeNet geometry the protocol probes (PROTOCOL.md section 3)")
+                           "the CaffeNet geometry the protocol probes (docs/protocols.md section 3)")
     what.add_argument("--layer", default="all", help="a tap, a comma list of taps, or 'all' (the encoder's probe taps)")
     what.add_argument("--pool", default="avg", choices=POOL_MODES,
                       help="how each tap is reduced to ~9k dims (recorded in the 'protocol' column)")

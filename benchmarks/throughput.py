@@ -5,7 +5,7 @@ Sections (``--sections``, default all three):
 * ``loss`` (issue 2): soft encoding + class-rebalanced cross-entropy, forward and backward, on a
   paper-sized batch (40 x 313 x 56 x 56 logits, ab 40 x 2 x 56 x 56). Ours:
   ``ssl_colorize.losses.soft_target_cross_entropy`` (``targets.soft_encode`` inside). Reference, as the
-  released Caffe code's Python layers did it (PROTOCOL.md section 2): scikit-learn
+  released Caffe code's Python layers did it (docs/protocols.md section 2): scikit-learn
   ``NearestNeighbors(10, ball_tree)`` over the 313 centres on the CPU, a dense float64 (pixels x 313)
   target, the prior boost from its argmax, and a dense cross-entropy with ``log_softmax``. Reported: time
   per step, and each variant's peak memory beyond the logits and their gradient.
@@ -77,7 +77,7 @@ CSV_COLUMNS = ["time", "code_version", "device", "torch", "torchvision", "sectio
                "images_per_s", "ms_per_step", "peak_host_mb", "peak_device_mb", "ratio"]
 JOB_MARKER = "THROUGHPUT_JOB_RESULT "
 
-#: The paper's pretraining sizes (PROTOCOL.md section 3; ResNet-50: the trainer's recipe) and the reduced
+#: The paper's pretraining sizes (docs/protocols.md section 3; ResNet-50: the trainer's recipe) and the reduced
 #: ``--quick`` ones that fit a 2-core CPU: (crop, batch).
 PAPER_PRETRAIN = {"alexnet_lab": (180, 80), "colornet": (176, 40), "resnet50_lab": (224, 64)}
 QUICK_PRETRAIN = {"alexnet_lab": (64, 8), "colornet": (64, 4), "resnet50_lab": (64, 8)}

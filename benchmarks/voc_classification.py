@@ -1,4 +1,4 @@
-"""PASCAL VOC2007 multi-label classification by fine-tuning (Krähenbühl et al.; PROTOCOL.md section 5).
+"""PASCAL VOC2007 multi-label classification by fine-tuning (Krähenbühl et al.; docs/protocols.md section 5).
 
     python benchmarks/voc_classification.py --checkpoint runs/pretrain/checkpoint.pth \
         --data /datasets --finetune fc8            # fc8 / fc6-8 / all, the paper's three rows
@@ -17,7 +17,7 @@ Recipe (defaults = the protocol, as in Krähenbühl et al.'s released voc-classi
   ResNet-50's res5); ``all``: everything. Frozen parts run in eval mode (BatchNorm statistics fixed)
   and after training every frozen tensor is compared with its value before: any change is an error.
   BatchNorm inside trained parts stays in eval mode too (``--bn frozen``: BN folded as for transfer,
-  PROTOCOL.md section 3) unless ``--bn train``;
+  docs/protocols.md section 3) unless ``--bn train``;
 * loss: sigmoid cross-entropy summed over the non-ignored labels, divided by the batch size (the
   released code's loss layer); SGD momentum 0.9, lr 1e-3 (biases x2, Caffe's convention in that code),
   weight decay 1e-6, gradients clipped to L2 norm 10, batch 16, 80k iterations, lr x0.5 every 10k
@@ -87,7 +87,7 @@ BUILTIN_ITERS = 1500
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="VOC2007 classification by fine-tuning (PROTOCOL.md section 5)",
+    p = argparse.ArgumentParser(description="VOC2007 classification by fine-tuning (docs/protocols.md section 5)",
                                 add_help=add_help)
     p.add_argument("--finetune", choices=FINETUNE_SETTINGS, default="all",
                    help="what trains: fc8 (new classifier only), fc6-8, all (default all)")

@@ -1,4 +1,4 @@
-"""PASCAL VOC2007 object detection: torchvision's Faster R-CNN on the pretrained encoder (PROTOCOL.md section 5).
+"""PASCAL VOC2007 object detection: torchvision's Faster R-CNN on the pretrained encoder (docs/protocols.md section 5).
 
     python benchmarks/voc_detection.py --checkpoint runs/pretrain/checkpoint.pth --data /datasets
     python benchmarks/voc_detection.py --checkpoint ck.pth --data /datasets --add-voc12 --ap-metric area
@@ -25,7 +25,7 @@ RGB in [0, 1] for RGB ones), which the encoder normalises itself. The transform 
 (multi-scale training: a random shorter side from ``--train-sizes`` per image, longer side at most
 ``--max-size``; single-scale test at ``--test-size``) and pads the batch.
 
-Training (Fast R-CNN's schedule, PROTOCOL.md section 5): VOC2007 trainval (``--add-voc12``: + VOC2012
+Training (Fast R-CNN's schedule, docs/protocols.md section 5): VOC2007 trainval (``--add-voc12``: + VOC2012
 trainval), horizontal flips, objects marked "difficult" left out of the training targets (as Fast
 R-CNN), 2 images per batch, 64 sampled RoIs per image (25% foreground), SGD momentum 0.9, lr 1e-3
 (x0.1 every 50k), weight decay 5e-4, 150k iterations (``--iters`` scales the steps with it; 1500 on the
@@ -97,7 +97,7 @@ BUILTIN_SIZES = {"train": "192,224,256,288", "test": 240, "max": 480, "anchors":
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="VOC2007 detection with Faster R-CNN on the encoder (PROTOCOL.md section 5)",
+    p = argparse.ArgumentParser(description="VOC2007 detection with Faster R-CNN on the encoder (docs/protocols.md section 5)",
                                 add_help=add_help)
     p.add_argument("--add-voc12", action="store_true", help="train on VOC2007 trainval + VOC2012 trainval")
     p.add_argument("--ap-metric", choices=AP_METRICS, default="11point",

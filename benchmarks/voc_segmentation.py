@@ -1,4 +1,4 @@
-"""PASCAL VOC semantic segmentation: an FCN-32s-style head on the pretrained encoder (PROTOCOL.md section 5).
+"""PASCAL VOC semantic segmentation: an FCN-32s-style head on the pretrained encoder (docs/protocols.md section 5).
 
     python benchmarks/voc_segmentation.py --checkpoint ck.pth --data /datasets --sbd /datasets/SBD \
         --eval-ids seg11valid.txt                     # the paper's setting: + SBD, seg11valid
@@ -93,7 +93,7 @@ AB_SCALE = 100.0  # ab enters the colour branch as ab / 100, about the range of 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="VOC semantic segmentation with an FCN-32s head (PROTOCOL.md section 5)",
+    p = argparse.ArgumentParser(description="VOC semantic segmentation with an FCN-32s head (docs/protocols.md section 5)",
                                 add_help=add_help)
     p.add_argument("--year", type=int, default=2012, choices=(2011, 2012), help="VOC devkit year of the segmentation data")
     p.add_argument("--sbd", default=None, help="SBD folder (benchmark_RELEASE, or the folder holding it): add its images")

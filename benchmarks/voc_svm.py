@@ -1,4 +1,4 @@
-"""Per-layer linear SVMs on frozen features, PASCAL VOC2007 (Goyal et al. 2019; PROTOCOL.md section 5).
+"""Per-layer linear SVMs on frozen features, PASCAL VOC2007 (Goyal et al. 2019; docs/protocols.md section 5).
 
     python benchmarks/voc_svm.py --checkpoint runs/pretrain/checkpoint.pth --data /datasets --workers 16
     python benchmarks/voc_svm.py                   # built-in VOCdevkit, random alexnet_lab

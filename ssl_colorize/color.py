@@ -1,4 +1,4 @@
-"""sRGB <-> CIE Lab on batched tensors (PROTOCOL.md section 1).
+"""sRGB <-> CIE Lab on batched tensors (docs/protocols.md section 1).
 
 The conversion is the one the released code used through ``skimage.color.rgb2lab``: the sRGB transfer
 curve, the sRGB -> XYZ matrix for a D65 white, and the CIE f(t) with its linear toe. Everything is
@@ -95,7 +95,7 @@ def rgb_to_lightness(rgb: torch.Tensor, validate: bool = True) -> torch.Tensor:
 
     L depends on Y alone (L = 116 f(Y / Y_n) - 16), so only the middle row of the sRGB -> XYZ matrix
     is needed: the network's full-resolution input costs a third of the Lab arithmetic, while a and b
-    are only ever needed on the loss grid (PROTOCOL.md sections 1 and 2).
+    are only ever needed on the loss grid (docs/protocols.md sections 1 and 2).
     """
     if validate:
         _validate(rgb, "rgb_to_lightness", (0.0, 1.0))

@@ -2,7 +2,7 @@
 
 Each output PNG has the input's size and its own L channel: the network predicts ab at low resolution
 from the input's L, the ab is upsampled to the full image and combined with the original L
-(PROTOCOL.md section 2, "Test time").
+(docs/protocols.md section 2, "Test time").
 """
 
 from __future__ import annotations

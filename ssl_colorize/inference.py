@@ -1,4 +1,4 @@
-"""From a trained colorization model to colours: predicted ab and recolorized RGB (PROTOCOL.md section 2).
+"""From a trained colorization model to colours: predicted ab and recolorized RGB (docs/protocols.md section 2).
 
 The test-time recipe of the paper and the released code, in three steps that can be used separately
 (the temperature sweep of ``benchmarks/colorization_quality.py`` runs the network once and decodes
@@ -35,7 +35,7 @@ from ssl_colorize.checkpoint import load_checkpoint, load_encoder
 from ssl_colorize.color import lab_to_rgb
 from ssl_colorize.targets import DEFAULT_TEMPERATURE, NUM_BINS, annealed_mean
 
-#: Output channels of a model trained with the L2 loss: ab directly (PROTOCOL.md section 2, "L2 regression").
+#: Output channels of a model trained with the L2 loss: ab directly (docs/protocols.md section 2, "L2 regression").
 AB_CHANNELS = 2
 DEFAULT_BATCH_SIZE = 16
 

@@ -1,6 +1,6 @@
 """Data-dependent k-means initialisation (Krähenbühl, Doersch, Donahue, Darrell, ICLR 2016).
 
-The released colorization models start from this init (PROTOCOL.md section 3). Layer by layer, in
+The released colorization models start from this init (docs/protocols.md section 3). Layer by layer, in
 execution order, each convolution (or linear layer) is set from the data that actually reaches it:
 
 1. **k-means weights** (the paper's data-driven init): sample patches of the layer's input (the

@@ -1,4 +1,4 @@
-"""The colorization losses (PROTOCOL.md section 2, paper eq. 2 and 4).
+"""The colorization losses (docs/protocols.md section 2, paper eq. 2 and 4).
 
 The classification loss is L = -(1/P) sum_p v_p sum_q Z_pq log softmax(x_p)_q, with Z the soft target
 (k non-zero entries per pixel) and v_p the rebalancing weight of the pixel's nearest bin. Because the k

@@ -1,4 +1,4 @@
-"""Colour-quality metrics (PROTOCOL.md section 6, paper Table 1).
+"""Colour-quality metrics (docs/protocols.md section 6, paper Table 1).
 
 - Raw accuracy AuC: the share of pixels whose predicted ab lies within an L2 distance t of the ground
   truth, for t = 0, 1, ..., 150, integrated over t (trapezoid rule) and normalised so a perfect
@@ -59,7 +59,7 @@ def rebalanced_pixel_weights(gt_ab: torch.Tensor, prior: torch.Tensor) -> torch.
 
 
 def rebalanced_auc(pred_ab: torch.Tensor, gt_ab: torch.Tensor, prior: torch.Tensor) -> float:
-    """Class-rebalanced AuC (PROTOCOL.md section 6)."""
+    """Class-rebalanced AuC (docs/protocols.md section 6)."""
     return auc(pred_ab, gt_ab, rebalanced_pixel_weights(gt_ab, prior))
 
 

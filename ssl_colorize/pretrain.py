@@ -1,6 +1,6 @@
 """Cross-channel colorization pretraining: ``python -m ssl_colorize.pretrain``.
 
-L in, a distribution over the 313 ab bins out, soft targets, class rebalancing (PROTOCOL.md sections 2
+L in, a distribution over the 313 ab bins out, soft targets, class rebalancing (docs/protocols.md sections 2
 and 3). Reads top to bottom as a recipe: arguments -> data -> model -> optimizer -> loop. Every
 ``--ckpt-every`` steps the run folder gets a rolling ``checkpoint.pth`` (everything needed to resume
 bit-for-bit: weights, optimizer, scheduler, step, RNG and data position), a line in ``log.jsonl`` and a
@@ -68,7 +68,7 @@ from ssl_colorize.targets import (
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 
 # ------------------------------------------------------------------------------------------------
-# Recipes (PROTOCOL.md section 3): the released code's solver settings per encoder. Values given on
+# Recipes (docs/protocols.md section 3): the released code's solver settings per encoder. Values given on
 # the command line override them. "builtin" is the scaled-down schedule for the built-in default.
 # ------------------------------------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ RECIPES = {
     "alexnet_lab": Recipe(180, 80, 450_000, 3e-5, (240_000, 300_000, 400_000), (1 / 3, 1 / 10, 1 / 30), (0.9, 0.999), 1e-3),
     # 176 crops, batch 40, Adam (0.9, 0.99), wd 1e-3, lr 3e-5 with x0.1 steps, ~450k iterations.
     "colornet": Recipe(176, 40, 450_000, 3e-5, (200_000, 375_000), (0.1, 0.01), (0.9, 0.99), 1e-3),
-    # No released colorization recipe for ResNet-50 (Goyal et al. do not list one in PROTOCOL.md):
+    # No released colorization recipe for ResNet-50 (Goyal et al. do not list one in docs/protocols.md):
     # the AlexNet solver at 224 px, batch 64, wd 1e-4 as is usual for ResNets.
     "resnet50_lab": Recipe(224, 64, 450_000, 3e-5, (240_000, 300_000, 400_000), (1 / 3, 1 / 10, 1 / 30), (0.9, 0.999), 1e-4),
 }
@@ -428,7 +428,7 @@ def main(args: argparse.Namespace) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     spec = model.model_spec
-    grid_stride = model.output_stride  # ab is decimated to the loss grid (PROTOCOL.md section 2)
+    grid_stride = model.output_stride  # ab is decimated to the loss grid (docs/protocols.md section 2)
 
     # The prior and the rebalancing weights.
     if cfg["prior"] == "imagenet":

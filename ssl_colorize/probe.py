@@ -1,10 +1,10 @@
-"""Frozen-layer linear probes (PROTOCOL.md section 4): the library half of ``benchmarks/linear_probe.py``.
+"""Frozen-layer linear probes (docs/protocols.md section 4): the library half of ``benchmarks/linear_probe.py``.
 
 One frozen forward pass of the encoder per batch feeds one classifier per tap; each classifier is
 *pool to about 9k dims -> BatchNorm1d without affine -> Linear(num_classes)* and the taps' losses are
 summed, so all taps train at once (the protocol's "one pass" design, as in VISSL / Goyal et al.).
 
-Pooling (PROTOCOL.md section 4; the published numbers differ between the variants, so the probe
+Pooling (docs/protocols.md section 4; the published numbers differ between the variants, so the probe
 records which one ran):
 
 * ``avg``: average pooling with fixed kernels. The grid per tap comes from its channel count
@@ -23,7 +23,7 @@ do not move), its parameters do not require gradients, its forward runs under ``
 taken before training, raising RuntimeError naming the tensors that changed.
 
 The released AlexNet is probed with BatchNorm folded into the convolutions and Krähenbühl rescaling
-(PROTOCOL.md section 3). Neither changes a probe's result here: a no-affine BatchNorm in eval mode is
+(docs/protocols.md section 3). Neither changes a probe's result here: a no-affine BatchNorm in eval mode is
 the per-channel affine map the fold would put into the convolution, and a positive per-layer scale is
 removed by the probe's own BatchNorm1d. The probe therefore uses the encoder as it is.
 """
@@ -44,7 +44,7 @@ from ssl_colorize.color import lab_to_rgb, rgb_to_lab
 from ssl_colorize.data.images import Sample, SkippedFile
 from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
 
-#: Features per tap after pooling: "about 9k dims" (PROTOCOL.md section 4); 9216 = 256 x 6 x 6.
+#: Features per tap after pooling: "about 9k dims" (docs/protocols.md section 4); 9216 = 256 x 6 x 6.
 TARGET_DIMS = 9216
 POOL_MODES = ("avg", "bilinear", "max")
 #: How the encoder's input is formed from an RGB crop. "auto": L for L encoders, RGB for RGB
@@ -60,7 +60,7 @@ INPUT_MODES = ("auto", "rgb", "grey")
 def probe_grid(channels: int, map_size: Sequence[int], target_dims: int = TARGET_DIMS) -> tuple[int, int]:
     """The pooled grid of a tap: side round(sqrt(target_dims / channels)), at most the map's size.
 
-    For AlexNet (96, 256, 384, 384, 256 channels) this is 10, 6, 5, 5, 6, the PROTOCOL.md section 4
+    For AlexNet (96, 256, 384, 384, 256 channels) this is 10, 6, 5, 5, 6, the docs/protocols.md section 4
     table; for ResNet-50 (64, 256, 512, 1024, 2048) 12, 6, 4, 3, 2, Goyal et al.'s grids.
     """
     if channels <= 0:

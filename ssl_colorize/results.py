@@ -133,7 +133,7 @@ def read_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
 # Tables: ours beside the published numbers (a view over the rows)
 # ----------------------------------------------------------------------------------------------
 
-#: The published numbers (PROTOCOL.md sections 4-6), one tidy row each, with their source.
+#: The published numbers (docs/protocols.md sections 4-6), one tidy row each, with their source.
 PUBLISHED_CSV = REPO_ROOT / "results" / "published.csv"
 PUBLISHED_COLUMNS = ["method", "benchmark", "dataset", "encoder", "tap", "metric", "value", "protocol", "tag",
                      "source", "note"]

@@ -1,6 +1,6 @@
 """The 313 ab bins, soft targets, the ImageNet prior, class rebalancing and annealed-mean decoding.
 
-PROTOCOL.md sections 1 and 2. Every function works on batched tensors on whatever device the input
+docs/protocols.md sections 1 and 2. Every function works on batched tensors on whatever device the input
 lives on; the neighbour search is a chunked brute force over the 313 centres, so memory stays bounded
 (a chunk of pixels x 313 at a time) and nothing dense of size (pixels x 313) outlives a chunk.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 NUM_BINS = 313
 GRID_STEP = 10.0
-DEFAULT_K = 10  # the released code's K; the paper's "5" is a typo (PROTOCOL.md section 2)
+DEFAULT_K = 10  # the released code's K; the paper's "5" is a typo (docs/protocols.md section 2)
 DEFAULT_SIGMA = 5.0
 DEFAULT_LAMBDA = 0.5
 DEFAULT_TEMPERATURE = 0.38
@@ -186,7 +186,7 @@ def _device_table(k: int, device: torch.device) -> torch.Tensor:
 def soft_encode(
     ab: torch.Tensor, k: int = DEFAULT_K, sigma: float = DEFAULT_SIGMA
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft-encode ab (N, 2, H, W) on the 313 bins (PROTOCOL.md section 2).
+    """Soft-encode ab (N, 2, H, W) on the 313 bins (docs/protocols.md section 2).
 
     Returns ``(indices, weights)``, each (N, k, H, W): the k nearest bin centres (nearest first) and
     Gaussian weights exp(-d^2 / 2 sigma^2), normalised to sum 1 over k. The weights are computed as a
@@ -223,14 +223,14 @@ def nearest_bin(ab: torch.Tensor) -> torch.Tensor:
 
 
 def decimate(ab: torch.Tensor, factor: int) -> torch.Tensor:
-    """Every ``factor``-th pixel, no averaging: the loss grid of the released code (PROTOCOL.md section 2)."""
+    """Every ``factor``-th pixel, no averaging: the loss grid of the released code (docs/protocols.md section 2)."""
     return ab[..., ::factor, ::factor]
 
 
 def grey_mask(ab: torch.Tensor, threshold: float = GREY_THRESHOLD) -> torch.Tensor:
     """(N,) bool, True for a grey image: no pixel of its (decimated) ab has |a| or |b| above threshold.
 
-    The released code gives such images weight 0 in the loss (PROTOCOL.md section 2).
+    The released code gives such images weight 0 in the loss (docs/protocols.md section 2).
     """
     _check_ab(ab, "grey_mask")
     return ~(ab.abs() > threshold).flatten(1).any(dim=1)
@@ -239,7 +239,7 @@ def grey_mask(ab: torch.Tensor, threshold: float = GREY_THRESHOLD) -> torch.Tens
 def rebalance_weights(prior: torch.Tensor, lam: float = DEFAULT_LAMBDA) -> torch.Tensor:
     """Class-rebalancing weights w ~ ((1 - lam) p + lam / Q)^-1, scaled so that sum(p * w) = 1.
 
-    PROTOCOL.md section 2 (paper eq. 4). With the shipped prior: min 0.0965 at (0, 0), max 6.175.
+    docs/protocols.md section 2 (paper eq. 4). With the shipped prior: min 0.0965 at (0, 0), max 6.175.
     """
     if prior.dim() != 1 or prior.shape[0] != NUM_BINS:
         raise ValueError(f"rebalance_weights: prior must have shape ({NUM_BINS},), got {tuple(prior.shape)}")
@@ -338,7 +338,7 @@ def class_weight_lookup(class_weights: torch.Tensor, indices: torch.Tensor) -> t
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of logits to the loss grid (the AlexNet variant's 313 logits, PROTOCOL.md section 2)."""
+    """Bilinear resize of logits to the loss grid (the AlexNet variant's 313 logits, docs/protocols.md section 2)."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -1,6 +1,6 @@
 """PASCAL VOC metrics: classification AP, detection AP (VOC2007 devkit rule), segmentation mIoU.
 
-PROTOCOL.md section 5 names the three numbers; this module computes them, with nothing model-specific:
+docs/protocols.md section 5 names the three numbers; this module computes them, with nothing model-specific:
 
 * :func:`classification_ap`: per-class average precision of multi-label scores. Labels follow the
   devkit's ground-truth files: +1 present, -1 absent, 0 "difficult only" (ignored: neither a positive
@@ -75,7 +75,7 @@ def classification_ap(scores: np.ndarray | torch.Tensor, labels: np.ndarray | to
     """Per-class AP of multi-label scores (N, C) against devkit labels (N, C) in {+1, -1, 0}.
 
     Samples labelled 0 for a class ("difficult" only) are left out of that class's ranking
-    (PROTOCOL.md section 5). Returns (C,) floats, NaN for a class without any positive.
+    (docs/protocols.md section 5). Returns (C,) floats, NaN for a class without any positive.
     """
     scores = _as_numpy(scores).astype(np.float64)
     labels = _as_numpy(labels)

@@ -7,7 +7,7 @@ ssl_colorize.data.voc / ssl_colorize.voc_metrics:
 * :func:`add_common_args`: ``--data --checkpoint --encoder --iters --out-csv --out --run-id --seed
   --device --input --workers``, the same in all four;
 * :func:`load_transfer_encoder`: the checkpoint (or ``random``) as an encoder in the transfer
-  geometry (alexnet_lab: CaffeNet geometry, PROTOCOL.md section 3);
+  geometry (alexnet_lab: CaffeNet geometry, docs/protocols.md section 3);
 * :func:`resolve_input` / :func:`to_model_input`: "inputs follow the encoder" -- L for L encoders, RGB
   for RGB encoders, or grey-replicated RGB (the L channel shown as neutral grey) for RGB encoders;
 * fine-tuning scopes (:func:`finetune_modules`), BatchNorm handling and the check that the parts
@@ -15,7 +15,7 @@ ssl_colorize.data.voc / ssl_colorize.voc_metrics:
 * :class:`TransferRun`: the run folder, its log, the data reports and the result rows.
 
 BatchNorm in fine-tuning: the released AlexNet is transferred with BatchNorm folded into the
-convolutions (PROTOCOL.md section 3), i.e. as a fixed per-channel affine map. ``--bn frozen`` (the
+convolutions (docs/protocols.md section 3), i.e. as a fixed per-channel affine map. ``--bn frozen`` (the
 default) reproduces that: every BatchNorm stays in eval mode, with its statistics fixed, while the
 weights around it train. ``--bn train`` lets the BatchNorms of the fine-tuned layers use batch
 statistics (and update their running averages) instead.
@@ -138,7 +138,7 @@ def load_transfer_encoder(checkpoint: str, encoder: str | None, seed: int) -> tu
     """The encoder of ``checkpoint`` (or a seeded random ``encoder``) in its transfer geometry.
 
     Returns (model in eval mode on the CPU, encoder name). alexnet_lab is switched to CaffeNet's
-    geometry (227 input, 6x6 pool5, undilated fc6; PROTOCOL.md section 3), the same weights.
+    geometry (227 input, 6x6 pool5, undilated fc6; docs/protocols.md section 3), the same weights.
     """
     if str(checkpoint) == "random" and encoder is None:
         encoder = "alexnet_lab"

@@ -1,4 +1,4 @@
-"""Colour-quality metrics (PROTOCOL.md section 6) against hand computations and NumPy references."""
+"""Colour-quality metrics (docs/protocols.md section 6) against hand computations and NumPy references."""
 
 import math
 

@@ -1,6 +1,6 @@
 """Encoders: registry, taps, geometries, parameter counts and the k-means data-dependent init.
 
-Expected sizes come from the Caffe output-size formulas and PROTOCOL.md section 3, computed here
+Expected sizes come from the Caffe output-size formulas and docs/protocols.md section 3, computed here
 independently of torch; k-means and whitening are checked against scikit-learn and numpy.
 """
 
@@ -167,7 +167,7 @@ def _conv_params(c_in: int, c_out: int, k: int) -> int:
 def test_colornet_has_32_2_million_parameters():
     model = create_model("colornet")
     count = sum(p.numel() for p in model.parameters())
-    # PROTOCOL.md section 3 table, with a bias on every conv (Caffe's default)
+    # docs/protocols.md section 3 table, with a bias on every conv (Caffe's default)
     chans = [1, 64, 64, 128, 128, 256, 256, 256] + [512] * 12
     expected = sum(_conv_params(a, b, 3) for a, b in zip(chans[:-1], chans[1:]))
     expected += _conv_params(512, 256, 4) + 2 * _conv_params(256, 256, 3) + _conv_params(256, 313, 1)
@@ -193,7 +193,7 @@ def test_alexnet_transfer_geometry_matches_caffenet_at_227():
         feats = model.forward_taps(torch.rand(1, 1, 227, 227) * 100, list(model.taps))
         logits = model(torch.rand(1, 1, 227, 227) * 100)
     shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
-    # PROTOCOL.md sections 3 and 4
+    # docs/protocols.md sections 3 and 4
     assert shapes["conv1"] == (96, 55, 55)
     assert shapes["conv2"] == (256, 27, 27)
     assert shapes["conv3"] == (384, 13, 13)

@@ -1,4 +1,4 @@
-"""Linear probes (PROTOCOL.md section 4): geometry, the frozen-encoder guard, the whole benchmark path,
+"""Linear probes (docs/protocols.md section 4): geometry, the frozen-encoder guard, the whole benchmark path,
 resumption after a kill, and bad input.
 
 Small on purpose: a 3-class ImageFolder of 72x80 images, 64 px crops, a few iterations.
@@ -91,7 +91,7 @@ def test_alexnet_feature_sizes_at_227_match_the_protocol_table():
     encoder = create_model("alexnet_lab", geometry="transfer")
     probe = MultiTapProbe(encoder, encoder.probe_taps, num_classes=1000, crop=227, pool="avg")
     info = probe.describe()
-    # PROTOCOL.md section 4 table: map at 227 -> pooled grid -> dims.
+    # docs/protocols.md section 4 table: map at 227 -> pooled grid -> dims.
     expected = {
         "conv1": ((96, 55, 55), 10, 9600),
         "conv2": ((256, 27, 27), 6, 9216),

@@ -55,10 +55,10 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The published numbers (PROTOCOL.md sections 4-6, transcribed)
+# The published numbers (docs/protocols.md sections 4-6, transcribed)
 # ----------------------------------------------------------------------------------------------
 
-# PROTOCOL.md section 4, "As published" (AlexNet, top-1, conv1..conv5).
+# docs/protocols.md section 4, "As published" (AlexNet, top-1, conv1..conv5).
 PROTOCOL_IMAGENET = {
     "colorization (Zhang et al. 2016)": "12.5 24.5 30.4 31.5 30.3",
     "colorization (Zhang et al. 2016), other version": "13.1 24.8 31.0 32.6 31.8",

@@ -1,4 +1,4 @@
-"""Bins, soft encoding, prior, rebalancing and annealed-mean decoding (PROTOCOL.md sections 1-2)."""
+"""Bins, soft encoding, prior, rebalancing and annealed-mean decoding (docs/protocols.md sections 1-2)."""
 
 import numpy as np
 import pytest

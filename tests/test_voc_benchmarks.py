@@ -276,7 +276,7 @@ def test_svm_end_to_end_with_feature_cache(voc, tmp_path, monkeypatch):
     maps = rows[rows["metric"] == "mAP"]
     assert list(maps["tap"]) == ["conv1", "conv5"]
     dims = {tap: json.loads(h)["dims"] for tap, h in zip(maps["tap"], maps["hparams"])}
-    assert dims == {"conv1": 96 * 10 * 10, "conv5": 256 * 6 * 6}  # PROTOCOL.md section 4 pooling
+    assert dims == {"conv1": 96 * 10 * 10, "conv5": 256 * 6 * 6}  # docs/protocols.md section 4 pooling
     cached = sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npz"))
     assert len(cached) == 4  # (trainval, test) x (conv1, conv5)
     check_bad_inputs_reported(summary, voc, ("missing_annotation", "unknown_class", "corrupt_image"))

@@ -21,7 +21,7 @@ Nothing about the crops changes between the paths (DESIGN.md, "data moves left t
 sample's crop window and mirror come from :func:`~ssl_colorize.data.transforms.random_crop_flip` with a
 generator seeded by the sampler's per-sample seed (the trainer's resumable order), and Lab / targets are
 :func:`ssl_colorize.color.rgb_to_lab` and :func:`ssl_colorize.targets.soft_encode` on the loss grid
-(PROTOCOL.md sections 1 and 2). ``tests/test_fast_path.py`` checks that the paths agree with each other,
+(docs/protocols.md sections 1 and 2). ``tests/test_fast_path.py`` checks that the paths agree with each other,
 with the trainer's own dataset, with scikit-image's Lab and with a scikit-learn soft encoding. One caveat
 on CUDA: nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's, so a decoded pixel may differ by a
 few levels from the CPU decoder's; everything after decoding is the same arithmetic.
@@ -83,7 +83,7 @@ def crop_image(image: torch.Tensor, crop: int, resize: int | None, seed: int) ->
 @dataclass(frozen=True)
 class TargetSpec:
     """What the data path computes besides the crops: L, ab on the loss grid and (``encode``) the soft
-    encoding. ``grid_stride`` is the encoder's ``output_stride`` (PROTOCOL.md section 2)."""
+    encoding. ``grid_stride`` is the encoder's ``output_stride`` (docs/protocols.md section 2)."""
 
     grid_stride: int
     k: int = DEFAULT_K
@@ -114,7 +114,7 @@ def lightness_input(images: torch.Tensor, channels_last: bool = False) -> torch.
 def grid_targets(images: torch.Tensor, spec: TargetSpec) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """uint8 RGB (N, 3, H, W) -> (ab on the loss grid, its soft encoding ``(indices, weights)`` or None).
 
-    The loss grid keeps every ``grid_stride``-th pixel with no averaging (PROTOCOL.md section 2), and Lab
+    The loss grid keeps every ``grid_stride``-th pixel with no averaging (docs/protocols.md section 2), and Lab
     is a per-pixel function, so converting the kept pixels alone gives the same ab as converting the
     whole image and decimating: 1/stride^2 of the work (1/64 for AlexNet), cheap enough for a CPU worker.
     """

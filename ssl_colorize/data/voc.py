@@ -293,7 +293,7 @@ def load_main_split(
 
 def classification_targets(records: Sequence[DetectionRecord], num_classes: int = len(VOC_CLASSES)) -> np.ndarray:
     """(N, 20) int8 labels in the devkit's convention: +1 a non-difficult object of the class is present,
-    0 only difficult objects of the class (ignored), -1 absent (PROTOCOL.md section 5)."""
+    0 only difficult objects of the class (ignored), -1 absent (docs/protocols.md section 5)."""
     targets = -np.ones((len(records), num_classes), dtype=np.int8)
     for i, rec in enumerate(records):
         for label, difficult in zip(rec.labels, rec.difficult):

@@ -6,7 +6,7 @@ Every encoder is an :class:`Encoder` with ``taps`` (name -> :class:`Tap`), ``pro
 computed), ``forward_taps(x, taps)`` and ``model_spec``; beside each factory its card
 (:func:`get_card`, :func:`card_of`): what the suite knows about that encoder. Importing this package registers:
 
-* ``alexnet_lab``: AlexNet on L, geometry "train" or "transfer" (PROTOCOL.md section 3);
+* ``alexnet_lab``: AlexNet on L, geometry "train" or "transfer" (docs/protocols.md section 3);
 * ``colornet``: the paper's 32.2 M-parameter colorization network;
 * ``resnet50_lab``: ResNet-50 on L (Goyal et al.), res5 at stride 1 by default;
 * ``alexnet_rgb_torchvision``: torchvision's AlexNet on RGB, a feature extractor (no colour head).

@@ -1,4 +1,4 @@
-"""``alexnet_lab``: the AlexNet variant the colorization benchmarks evaluate (PROTOCOL.md section 3).
+"""``alexnet_lab``: the AlexNet variant the colorization benchmarks evaluate (docs/protocols.md section 3).
 
 L input, no LRN, a BatchNorm without affine between every conv / fc and its ReLU (as the released
 ``train_alexnet/train_val.prototxt``), fc6 / fc7 as convolutions and a 313-way 1x1 head on fc7.
@@ -78,7 +78,7 @@ class AlexNetLab(Encoder):
         self.head = nn.Conv2d(4096, self.head_channels(out_channels), 1)
         self.stage_names = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
         self.probe_taps = ("conv1", "conv2", "conv3", "conv4", "conv5")
-        # The loss grid is every 8th pixel in both geometries (PROTOCOL.md section 2); the logits'
+        # The loss grid is every 8th pixel in both geometries (docs/protocols.md section 2); the logits'
         # native stride is 16 (train) or 32 (transfer), hence logits_at's resize.
         self.output_stride = 8
         init_conv_weights_(self, head=self.head)
@@ -140,5 +140,5 @@ ALEXNET_LAB_CARD = EncoderCard(
 
 @register_model(card=ALEXNET_LAB_CARD)
 def alexnet_lab(geometry: str = "train", in_chans: int = 1, out_channels: int = NUM_BINS) -> AlexNetLab:
-    """AlexNet colorization encoder (PROTOCOL.md section 3); ``geometry`` in {"train", "transfer"}."""
+    """AlexNet colorization encoder (docs/protocols.md section 3); ``geometry`` in {"train", "transfer"}."""
     return AlexNetLab(geometry=geometry, in_chans=in_chans, out_channels=out_channels)

@@ -9,7 +9,7 @@ Input conventions (COMMON brief, "Existing shared API"):
 
 * ``input_space == "L"``: the L channel in Lab units, shape (N, 1, H, W), values in [0, 100].
   It is normalised inside the model as ``(L - 50) / 100``, i.e. into [-0.5, 0.5]. This is the
-  PyTorch port's convention; the released Caffe models used ``L - 50`` ([-50, 50], PROTOCOL.md
+  PyTorch port's convention; the released Caffe models used ``L - 50`` ([-50, 50], docs/protocols.md
   section 1). Every layer that sees the input is followed by a BatchNorm, so the two conventions give
   the same function once trained; the choice only changes the scale at which conv1's weights live
   (and hence the effective step size of Adam and the pull of weight decay on conv1). Weights ported
@@ -56,7 +56,7 @@ class Encoder(nn.Module):
       ``self.stage_names`` (or override :meth:`stages` when the modules live elsewhere);
     * ``self.taps``: ordered dict ``name -> Tap`` (every tap name is a stage name), shallowest first;
     * ``self.probe_taps``: the five taps used by conv1..conv5-style probes;
-    * ``self.output_stride``: the loss-grid factor (PROTOCOL.md section 2): ground-truth ab is
+    * ``self.output_stride``: the loss-grid factor (docs/protocols.md section 2): ground-truth ab is
       decimated by this factor and :meth:`logits_at` brings the logits onto that grid;
     * ``self.head``: the 313-way pretext head applied after the last stage (absent when
       ``has_colour_head`` is False, in which case :meth:`forward` raises).
@@ -176,7 +176,7 @@ class Encoder(nn.Module):
         ``size`` defaults to :meth:`loss_grid_size` of the input. The colorization net and the
         ResNet produce logits on that grid natively (no resize happens); the AlexNet variant's
         logits (12x12 for a 180 crop) are bilinearly resized to it (23x23), as the released code's
-        Resize layer did (PROTOCOL.md section 2). Under DistributedDataParallel call the wrapper
+        Resize layer did (docs/protocols.md section 2). Under DistributedDataParallel call the wrapper
         instead, ``resize_logits(ddp_model(x), model.loss_grid_size(H, W))``, so DDP sees the forward.
         """
         if size is None:

@@ -1,4 +1,4 @@
-"""``colornet``: the VGG-style colorization network of the paper (Table 4; PROTOCOL.md section 3).
+"""``colornet``: the VGG-style colorization network of the paper (Table 4; docs/protocols.md section 3).
 
 Blocks conv1..conv7 are 3x3 convolutions with ReLUs and one BatchNorm without affine after the block's
 last ReLU; conv1-conv3 end with a stride-2 conv, conv5 / conv6 are dilated by 2. conv8 upsamples
@@ -62,7 +62,7 @@ class ColorNet(Encoder):
             stride *= last_stride
             taps[name] = Tap(c_out, stride)
             c_in = c_out
-        # conv8: no BatchNorm (PROTOCOL.md section 3: BN after blocks 1-7 only).
+        # conv8: no BatchNorm (docs/protocols.md section 3: BN after blocks 1-7 only).
         self.conv8 = nn.Sequential(
             OrderedDict(
                 conv8_1=nn.ConvTranspose2d(512, 256, 4, stride=2, padding=1),

@@ -1,4 +1,4 @@
-"""The real-vs-fake perceptual study ("colorization Turing test", PROTOCOL.md section 6).
+"""The real-vs-fake perceptual study ("colorization Turing test", docs/protocols.md section 6).
 
 ``python -m ssl_colorize.study build | serve | report`` (see ``__main__``):
 

@@ -1,4 +1,4 @@
-"""The study's protocol and each participant's session plan (PROTOCOL.md section 6, "Perceptual realism").
+"""The study's protocol and each participant's session plan (docs/protocols.md section 6, "Perceptual realism").
 
 The paper's real-vs-fake test ("colorization Turing test"): pairs of a real photograph and a
 recolorized version of it, 256 x 256, each pair shown for one second, then hidden, with unlimited time

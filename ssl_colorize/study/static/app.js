@@ -1,4 +1,4 @@
-// The participant's side of the real-vs-fake study (PROTOCOL.md section 6; ssl_colorize/study/plan.py).
+// The participant's side of the real-vs-fake study (docs/protocols.md section 6; ssl_colorize/study/plan.py).
 // Each pair is shown for display_ms (1 s by default), then hidden; the participant clicks the photo
 // whose colours are fake, with unlimited time. Practice trials get feedback from the server; test
 // trials do not. The page never knows which side is fake before answering: the image URLs are opaque.
