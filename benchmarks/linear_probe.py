@@ -8,7 +8,7 @@ The recipe: load the encoder (a pretraining checkpoint, or ``random``: a seeded 
 same architecture), freeze it, put one linear head per requested tap (pool to about 9k dims ->
 BatchNorm1d without affine -> Linear), train every head from one frozen forward pass per batch with
 SGD on the sum of their losses, then score the single centre crop (top-1, top-5). The encoder is
-checked bit for bit after training; a changed tensor fails the run (ssl_colorize.probe).
+checked bit for bit after training; a changed tensor fails the run (ssl_colorize.heads.probe).
 
 Every number becomes one row of ``--out-csv`` (ssl_colorize.results); an epoch log and a plot of
 accuracy against layer are written beside it. A rolling ``probe_checkpoint.pth`` in ``--out`` lets a
@@ -40,7 +40,7 @@ from ssl_colorize.checkpoint import load_checkpoint, load_encoder, save_checkpoi
 from ssl_colorize.data import EvalTransform, ImageFiles, collate_skipping, ensure_builtin_imagefolder  # noqa: E402
 from ssl_colorize.data.builtin import SHAPES_VERSION, cache_dir  # noqa: E402
 from ssl_colorize.models import list_models  # noqa: E402
-from ssl_colorize.probe import (  # noqa: E402
+from ssl_colorize.heads.probe import (  # noqa: E402
     INPUT_MODES,
     POOL_MODES,
     EpochSampler,

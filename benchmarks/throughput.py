@@ -18,7 +18,7 @@ Sections (``--sections``, default all three):
   scikit-learn soft encoding, dense target and loss) -- same model, same batch, same crops. The data
   paths alone (JPEG -> L + targets, no network) are also timed.
 * ``probe`` (issue 4): the linear probe's step, five taps read in one frozen pass (one
-  ``forward_taps`` + five heads, :class:`ssl_colorize.probe.MultiTapProbe`) against five single-tap runs.
+  ``forward_taps`` + five heads, :class:`ssl_colorize.heads.probe.MultiTapProbe`) against five single-tap runs.
 
 Every measurement runs in a fresh subprocess, so that each variant's peak host memory is its own (torch's
 CPU allocations are invisible to ``tracemalloc``; ``peak_host_mb`` is the measuring process's
@@ -613,7 +613,7 @@ def job_probe(job: dict) -> dict:
     from ssl_colorize.data import ImageFiles, read_image
     from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
     from ssl_colorize.models import create_model
-    from ssl_colorize.probe import MultiTapProbe
+    from ssl_colorize.heads.probe import MultiTapProbe
 
     device = _setup(job)
     kwargs = {"geometry": "transfer"} if job["encoder"] == "alexnet_lab" else {}
@@ -890,7 +890,7 @@ def section_probe(args, device: torch.device, common: dict, report: Report) -> N
         one, five = results[(data, "one_pass")], results[(data, "single_tap")]
         settings = {"encoder": args.probe_encoder, "crop": args.probe_crop, "batch": batch, "classes": args.probe_classes,
                     "steps": steps, "warmup": warmup, "taps": one["taps"], "pool": "avg",
-                    "heads": "ssl_colorize.probe.MultiTapProbe / ProbeHead", "data": description}
+                    "heads": "ssl_colorize.heads.probe.MultiTapProbe / ProbeHead", "data": description}
         ratio = five["ms_per_step"] / one["ms_per_step"]
         report.add("probe", f"single_tap (five runs, {data})", settings, five, 1.0)
         report.add("probe", f"one_pass (five taps, {data})", settings, one, ratio)

@@ -53,7 +53,7 @@ from ssl_colorize.data.voc import (
     split_skipped,
 )
 from ssl_colorize.voc_metrics import classification_ap, mean_ap
-from ssl_colorize.voc_transfer import (
+from ssl_colorize.engine.finetune import (
     BN_MODES,
     FINETUNE_SETTINGS,
     PAD_RGB,

@@ -68,7 +68,7 @@ from ssl_colorize.data.voc import (
     split_skipped,
 )
 from ssl_colorize.voc_metrics import AP_METRICS, Detections, GroundTruth, detection_ap, mean_ap
-from ssl_colorize.voc_transfer import (
+from ssl_colorize.engine.finetune import (
     BN_MODES,
     TransferRun,
     add_common_args,

@@ -63,7 +63,7 @@ from ssl_colorize.data.voc import (
     split_skipped,
 )
 from ssl_colorize.voc_metrics import ConfusionMatrix, mean_ap
-from ssl_colorize.voc_transfer import (
+from ssl_colorize.engine.finetune import (
     BN_MODES,
     PAD_RGB,
     TransferRun,

@@ -8,7 +8,7 @@ Recipe (Goyal et al.'s benchmark, facebookresearch/fair_self_supervision_benchma
 * features: every image of VOC2007 trainval and test, shorter side resized to ``--resize`` (256) and
   centre-cropped to 227 (AlexNet-style encoders) or 224, through the frozen encoder (eval mode, no
   gradients); each tap of ``--taps`` (default: the encoder's five probe taps, conv1..conv5 / res2..res5)
-  is pooled to about 9k dims exactly as the linear probes pool it (ssl_colorize.probe: average pooling
+  is pooled to about 9k dims exactly as the linear probes pool it (ssl_colorize.heads.probe: average pooling
   with Goyal et al.'s fixed kernels by default, ``--pool`` to change), flattened and L2-normalised;
 * cache: the features of each (checkpoint, tap, split, preprocessing) are written once as
   ``<run folder>/features/<split>_<tap>_<key>.npz`` (``--feature-cache`` to share a folder between
@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 from ssl_colorize.data.transforms import resize_shorter
 from ssl_colorize.data.voc import VOC_CLASSES, VOCImages, classification_targets, load_main_split, split_skipped
-from ssl_colorize.probe import POOL_MODES, TapPool, probe_grid, tap_shapes
+from ssl_colorize.heads.probe import POOL_MODES, TapPool, probe_grid, tap_shapes
 from ssl_colorize.voc_metrics import average_precision, mean_ap
-from ssl_colorize.voc_transfer import (
+from ssl_colorize.engine.finetune import (
     PAD_RGB,
     TransferRun,
     add_common_args,

@@ -21,7 +21,7 @@ from skimage.transform import resize as sk_resize
 
 from ssl_colorize import results
 from ssl_colorize.models import create_model
-from ssl_colorize.probe import (
+from ssl_colorize.heads.probe import (
     FrozenEncoderGuard,
     MultiTapProbe,
     TapPool,

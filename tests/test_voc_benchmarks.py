@@ -21,7 +21,7 @@ from ssl_colorize.data.builtin_voc import make_voc_fixture
 from ssl_colorize.data.voc import VOC_CLASSES, load_main_split
 from ssl_colorize.models import create_model
 from ssl_colorize.results import load_published, paper_table, read_rows
-from ssl_colorize.voc_transfer import UntouchedGuard, resolve_input, to_model_input
+from ssl_colorize.engine.finetune import UntouchedGuard, resolve_input, to_model_input
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = ("missing_annotation", "unknown_class", "corrupt_image", "bad_mask")

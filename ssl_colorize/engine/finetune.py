@@ -42,7 +42,7 @@ from torch import nn
 from ssl_colorize.checkpoint import load_encoder
 from ssl_colorize.data.voc import DataReport
 from ssl_colorize.models.base import IMAGENET_MEAN, L_CENTER
-from ssl_colorize.probe import FrozenEncoderGuard, encoder_input
+from ssl_colorize.heads.probe import FrozenEncoderGuard, encoder_input
 from ssl_colorize.results import REPO_ROOT, append_rows, make_row
 
 LOG = logging.getLogger("ssl_colorize.voc")
@@ -267,7 +267,7 @@ def set_train_mode(encoder: nn.Module, modules: Sequence[nn.Module], bn_mode: st
 class UntouchedGuard:
     """Snapshot of the encoder; :meth:`check` raises when a tensor outside ``allowed`` changed.
 
-    Built on ssl_colorize.probe.FrozenEncoderGuard (exact comparison, BatchNorm statistics included).
+    Built on ssl_colorize.heads.probe.FrozenEncoderGuard (exact comparison, BatchNorm statistics included).
     """
 
     def __init__(self, encoder: nn.Module, allowed: Iterable[str] = ()):
