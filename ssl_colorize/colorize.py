@@ -17,20 +17,29 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ssl_colorize.checkpoint import load_encoder
+from ssl_colorize.checkpoint import ROLLING_NAME, load_encoder
 from ssl_colorize.color import fit_ab_to_gamut, rgb_to_lab
 from ssl_colorize.data import read_image
 from ssl_colorize.inference import ab_to_rgb, predict_ab
+from ssl_colorize.engine.cli import (
+    ArgumentParser, UsageError, check_choice, check_input_file, check_input_path, check_number, check_output_dir,
+    check_positive, fail, run_cli,
+)
+from ssl_colorize.training.pretext import resolve_device
 from ssl_colorize.targets import DEFAULT_TEMPERATURE
 
+#: Exit status when no image could be colorized (every input unreadable): not a usage error.
+EXIT_NOTHING_WRITTEN = 1
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("ssl_colorize.colorize", description=__doc__.split("\n\n")[0], add_help=add_help)
+
+def get_args_parser(add_help: bool = True) -> ArgumentParser:
+    p = ArgumentParser("ssl_colorize.colorize", description=__doc__.split("\n\n")[0], add_help=add_help)
     p.add_argument("images", nargs="+", help="image files (colour or greyscale)")
-    p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (checkpoint.pth or a snapshot)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a pretraining checkpoint (checkpoint.pth, a snapshot, or a run folder)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="annealed-mean temperature: 1 = mean, towards 0 = mode (paper: 0.38)")
-    p.add_argument("--out", default="colorized", help="output folder")
+    p.add_argument("--out", default="colorized", help="output folder (in the current folder)")
     p.add_argument("--net-size", type=int, default=None,
                    help="resize L to this square size for the network (the paper used 224 or 256; default: the full image)")
     p.add_argument("--gamut", choices=["chroma", "clip"], default="chroma",
@@ -56,15 +65,35 @@ def colorize_file(model, path: Path, temperature: float, net_size: int | None, d
     return (out.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def main(args: argparse.Namespace) -> list[Path]:
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+def checkpoint_file(path: str) -> Path:
+    """--checkpoint: a file, or a run folder holding the rolling checkpoint (UsageError otherwise)."""
+    checked = check_input_path("--checkpoint", path)
+    if not checked.is_dir():
+        return checked
+    if not (checked / ROLLING_NAME).exists():
+        raise fail("--checkpoint", path, f"the folder holds no {ROLLING_NAME}")
+    return check_input_file("--checkpoint", checked / ROLLING_NAME)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Options, the inputs and the output folder, before the model is loaded; creates nothing."""
+    check_positive("--temperature", args.temperature)
+    check_number("--net-size", args.net_size, minimum=16)
+    check_choice("--gamut", args.gamut, ("chroma", "clip"))
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
-        raise ValueError(f"image file(s) not found: {', '.join(missing)}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model = load_encoder(args.checkpoint).to(device)
+        raise UsageError(f"image file(s) not found: {', '.join(missing)}")
+    checkpoint_file(args.checkpoint)
+    check_output_dir("--out", args.out)
+    resolve_device(args.device)
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    device = resolve_device(args.device)
+    try:
+        model = load_encoder(checkpoint_file(args.checkpoint)).to(device)
+    except ValueError as exc:  # a file that is not one of our checkpoints (the message names it)
+        raise fail("--checkpoint", args.checkpoint, str(exc)) from None
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, failed = [], []
@@ -82,17 +111,15 @@ def main(args: argparse.Namespace) -> list[Path]:
         written.append(target)
     for line in failed:
         print(f"colorize: skipped {line}", file=sys.stderr)
+    if not written:
+        print(f"colorize: error: none of the {len(args.images)} image(s) could be colorized", file=sys.stderr)
+        raise SystemExit(EXIT_NOTHING_WRITTEN)
     print(f"colorize: wrote {len(written)} image(s) to {out_dir}" + (f", skipped {len(failed)}" if failed else ""))
     return written
 
 
-def cli(argv: list[str] | None = None) -> None:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+def cli(argv: list[str] | None = None) -> list[Path]:
+    return run_cli(get_args_parser(), main, argv, validate=validate)
 
 
 if __name__ == "__main__":

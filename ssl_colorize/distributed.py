@@ -3,7 +3,8 @@
 Where the process layout comes from, first match wins:
 
 1. ``RANK`` and ``WORLD_SIZE`` (with ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): set by torchrun,
-   and by :mod:`ssl_colorize.launch` inside submitit jobs.
+   and inside submitit jobs of several tasks by :func:`export_submitit_layout` (submitit's
+   ``TorchDistributedEnvironment``), which the launcher (:mod:`ssl_colorize.launch`) calls.
 2. A SLURM job step started by ``srun`` (``SLURM_STEP_ID`` is set): ``SLURM_PROCID``,
    ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; the master is the first host of the step's node list
    (expanded by ``scontrol show hostnames``, or by :func:`expand_hostlist` where scontrol is absent)
@@ -157,6 +158,28 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         raise ValueError(f"inconsistent process layout from {source}: rank={rank}, world_size={world}, "
                          f"local_rank={local_rank}")
     return DistEnv(rank, world, local_rank, addr, port, source)
+
+
+def export_submitit_layout() -> DistEnv | None:
+    """Inside a submitit job of several tasks, export the torchrun variables of this task.
+
+    submitit's ``TorchDistributedEnvironment`` reads the layout from the job (ranks from SLURM or from
+    submitit's local executor, the master on the job's first host, a port derived from the job id) and
+    exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``; :func:`init_distributed` then reads them as it reads torchrun's. Returns the layout,
+    or None outside a submitit job or for a single task (nothing exported).
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    import submitit  # only the launcher's jobs need it
+
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return None
+    # CUDA_VISIBLE_DEVICES is left alone: init_distributed picks GPU LOCAL_RANK among the visible
+    # ones, which also holds where SLURM already narrowed each task's devices. overwrite: a job
+    # submitted from another job (the snapshot watcher) may have inherited the submitter's values.
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return detect_env()
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:

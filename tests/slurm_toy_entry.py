@@ -1,12 +1,14 @@
 """A tiny resumable training entry point: the test fixture of the SLURM launcher (tests/test_slurm.py).
 
-It keeps the entry-point contract of :mod:`ssl_colorize.launch` exactly as pretraining and the
-benchmarks do: ``get_args_parser()`` / ``main(args)``; ``--out`` (run folder with a rolling,
-atomically written ``checkpoint.pth``), ``--resume`` (a path or ``auto``), ``--run-id``, ``--out-csv``;
-DDP through :func:`ssl_colorize.distributed.init_distributed`; result rows from rank 0 at the end.
-The problem is small enough to finish in seconds: least-squares regression of a fixed random linear
-map with SGD and momentum, on mini-batches drawn from a seeded generator whose state is checkpointed,
-so a resumed run repeats the uninterrupted one exactly.
+It keeps the entry-point convention exactly as pretraining and the benchmarks do:
+``get_args_parser()`` / ``validate(args)`` / ``main(args)`` / ``cli()`` (``ssl_colorize.engine.cli``) and
+the run contract's options (``ssl_colorize.engine.run.add_run_args``): ``--out`` (run folder with a
+rolling, atomically written ``checkpoint.pth``), ``--resume`` (a flag: continue from it when it exists),
+``--overwrite``, ``--run-id``; plus ``--out-csv``; DDP through :func:`ssl_colorize.distributed.init_distributed`;
+result rows from rank 0 at the end. The launcher imports it by module name (``slurm_toy_entry``, with
+tests/ on PYTHONPATH). The problem is small enough to finish in seconds: least-squares regression of a
+fixed random linear map with SGD and momentum, on mini-batches drawn from a seeded generator whose
+state is checkpointed, so a resumed run repeats the uninterrupted one exactly.
 
 Files in ``--out``: ``checkpoint.pth`` (rolling), ``progress.json`` (last finished step, how often
 the job was started: lets a test interrupt it half-way), ``snapshots/step_XXXXXX.pth`` (with
@@ -27,10 +29,13 @@ from torch import nn
 
 from ssl_colorize import distributed
 from ssl_colorize.checkpoint import load_checkpoint, save_checkpoint
+from ssl_colorize.engine.cli import (ArgumentParser, check_input_file, check_non_negative,
+                                     check_output_file, check_positive, run_cli)
+from ssl_colorize.engine.run import add_run_args, check_run_folder, default_run_folder, remove_run_files
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="toy resumable regression (launcher test fixture)")
+def get_args_parser(add_help: bool = True) -> ArgumentParser:
+    parser = ArgumentParser(description="toy resumable regression (launcher test fixture)", add_help=add_help)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch", type=int, default=16, help="global batch, split across ranks")
@@ -40,11 +45,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, default=1)
     parser.add_argument("--snapshot-every", type=int, default=0, help="keep snapshots/step_*.pth (0: none)")
     parser.add_argument("--checkpoint", default="random", help="'random' or a snapshot to start from")
-    parser.add_argument("--out", default="runs/toy")
-    parser.add_argument("--resume", default="", help="a checkpoint path, or 'auto' (OUT/checkpoint.pth if any)")
-    parser.add_argument("--run-id", default="toy")
     parser.add_argument("--out-csv", default="")
+    add_run_args(parser, "toy")
     return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    for option, value in (("--steps", args.steps), ("--lr", args.lr), ("--batch", args.batch),
+                          ("--dim", args.dim), ("--save-every", args.save_every)):
+        check_positive(option, value)
+    check_non_negative("--step-seconds", args.step_seconds)
+    check_non_negative("--snapshot-every", args.snapshot_every)
+    if args.checkpoint != "random":
+        check_input_file("--checkpoint", args.checkpoint)
+    check_output_file("--out-csv", args.out_csv or None)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
 
 
 def make_data(seed: int, dim: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,19 +75,15 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
-    if args.resume == "auto":
-        rolling = out / "checkpoint.pth"
-        return rolling if rolling.is_file() else None
-    return Path(args.resume) if args.resume else None
-
-
 def main(args: argparse.Namespace) -> dict:
     layout = distributed.init_distributed()
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} is not divisible by the {world} processes")
-    out = Path(args.out)
+    run_id = args.run_id or "toy"
+    out = Path(args.out) if args.out else default_run_folder("toy", run_id)
+    if args.overwrite and distributed.is_main() and out.is_dir():
+        remove_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
 
     x, y = make_data(args.seed, args.dim)
@@ -83,8 +94,8 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     batches = torch.Generator().manual_seed(args.seed)
     start = 0
-    resume = _resume_path(args, out)
-    if resume is not None:
+    resume = out / "checkpoint.pth" if args.resume else None
+    if resume is not None and resume.is_file():
         ckpt = load_checkpoint(resume)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -120,7 +131,7 @@ def main(args: argparse.Namespace) -> dict:
 
     with torch.no_grad():
         final_loss = nn.functional.mse_loss(model(x), y).item()
-    result = {"run_id": args.run_id, "final_loss": final_loss, "world_size": world, "start_step": start,
+    result = {"run_id": run_id, "final_loss": final_loss, "world_size": world, "start_step": start,
               "weight": model.weight.flatten().tolist(), "bias": model.bias.tolist(), "rank": layout.rank}
     if distributed.is_main():
         _write_json(out / "final.json", result)
@@ -130,7 +141,7 @@ def main(args: argparse.Namespace) -> dict:
             hparams = {"lr": args.lr, "steps": args.steps, "batch": args.batch, "world_size": world,
                        "start_step": start, "restarts": restarts}
             append_rows(args.out_csv, [
-                make_row(run_id=args.run_id, benchmark="slurm_toy", checkpoint=args.checkpoint, encoder="linear",
+                make_row(run_id=run_id, benchmark="slurm_toy", checkpoint=args.checkpoint, encoder="linear",
                          tap="output", dataset="synthetic", split="train", protocol="sgd", metric=metric,
                          value=value, seed=args.seed, hparams=hparams)
                 for metric, value in (("mse", final_loss), ("weight_norm", model.weight.norm().item()))
@@ -139,5 +150,9 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> dict:
+    return run_cli(get_args_parser(), main, argv, validate=validate)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli()

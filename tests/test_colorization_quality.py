@@ -1,12 +1,10 @@
-"""benchmarks/colorization_quality.py end to end on the built-in photographs, and ssl_colorize.inference.
+"""ssl_colorize.benchmarks.colorization_quality end to end on the built-in photographs, and ssl_colorize.inference.
 
 Small everywhere (64 px crops, the 10 built-in photographs, a random colornet) so the file runs in
 well under two minutes on a 2-core CPU.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ssl_colorize.benchmarks import colorization_quality as cq
 from ssl_colorize.checkpoint import save_checkpoint
+from ssl_colorize.engine.cli import UsageError
+from ssl_colorize.quality import classify
+from ssl_colorize.results import read_rows
 from ssl_colorize.color import rgb_to_lab
 from ssl_colorize.data import ImageFiles, center_crop, ensure_builtin_photos, read_image, resize_shorter
 from ssl_colorize.inference import colorize_tensor, load_colorizer, predict_ab, predict_grid, upsample_ab
@@ -23,29 +25,17 @@ from ssl_colorize.metrics import auc, colourfulness, rebalanced_auc
 from ssl_colorize.models import create_model
 from ssl_colorize.targets import annealed_mean, grey_mask, load_prior
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("colorization_quality", REPO / "benchmarks" / "colorization_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-cq = _load_benchmark()
 
 
 def _run(tmp_path, *extra, name="run"):
     out_csv = tmp_path / f"{name}.csv"
     args = cq.get_args_parser().parse_args(
         ["--size", str(SIZE), "--out", str(tmp_path / name), "--out-csv", str(out_csv), "--device", "cpu",
-         "--run-id", name, "--published", str(tmp_path / "no-published.csv"), *extra]
+         "--run-id", name, "--published", "none", *extra]
     )
     rows = cq.main(args)
-    return rows, pd.read_csv(out_csv)
+    return rows, read_rows(out_csv)
 
 
 def _value(table, encoder, metric, protocol=None):
@@ -236,7 +226,7 @@ def test_classifier_rows_with_a_local_random_state_dict(tmp_path):
     dataset = ImageFiles(tmp_path / "imagenet")
     crops = torch.stack([center_crop(resize_shorter(read_image(p), SIZE), SIZE) for p in dataset.paths]).float() / 255
     with torch.no_grad():
-        predicted = cq.classify(model, crops, 64)
+        predicted = classify(model, crops, 64)
     labels = torch.tensor([{"n01443537": 0, "n01440764": 1}[dataset.classes[l]] for l in dataset.labels])
     expected = 100.0 * float((predicted == labels).float().mean())
     assert _value(table, "ground_truth", "mobilenet_v3_small_top1") == pytest.approx(expected, abs=1e-6)
@@ -253,7 +243,7 @@ def test_greyscale_only_folder_fails_naming_it(tmp_path):
     rng = np.random.default_rng(0)
     grey = [np.repeat(rng.integers(0, 255, (80, 80, 1), dtype=np.uint8), 3, axis=2) for _ in range(3)]
     _write_images(tmp_path / "grey_photos", grey)
-    with pytest.raises(ValueError, match=r"no colour to score in .*grey_photos.*3 readable images are greyscale"):
+    with pytest.raises(UsageError, match=r"no colour to score in .*grey_photos.*3 readable images are greyscale"):
         _run(tmp_path, "--data", str(tmp_path / "grey_photos"), "--temperatures", "none")
 
 
@@ -285,18 +275,91 @@ def test_small_unreadable_and_single_images(tmp_path, capsys):
     # Only small images, all skipped: an error naming the folder and the reason.
     tiny = tmp_path / "tiny"
     _write_images(tiny, [colour(20), colour(20)])
-    with pytest.raises(ValueError, match=r"no readable image to score in .*tiny.*2 smaller than --size 64 skipped"):
+    with pytest.raises(UsageError, match=r"no readable image to score in .*tiny.*2 smaller than --size 64 skipped"):
         _run(tmp_path, "--data", str(tiny), "--small-images", "skip", name="tiny")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--crop", "128"], "--crop 128 is larger than --size 64"),
-    (["--temperature", "0"], "--temperature must be positive"),
-    (["--temperatures", "0.1,-1"], "--temperatures must be positive"),
-    (["--checkpoint", "/nonexistent/ckpt.pth"], "--checkpoint: not found: /nonexistent/ckpt.pth"),
-    (["--classifier-weights", "/nonexistent/w.pth"], "--classifier-weights: file not found"),
-    (["--data", "/nonexistent/folder"], "--data: not found: /nonexistent/folder"),
+    (["--crop", "128"], "--crop 128: larger than --size 64"),
+    (["--crop", "0"], "--crop 0: must be >= 8"),
+    (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+    (["--temperatures", "0.1,-1"], "--temperatures 0.1,-1: every temperature must be > 0"),
+    (["--checkpoint", "/nonexistent/ckpt.pth"], "--checkpoint /nonexistent/ckpt.pth: no such file"),
+    (["--checkpoint", "random"], "--checkpoint random: name the encoder"),
+    (["--classifier-weights", "/nonexistent/w.pth"], "--classifier-weights /nonexistent/w.pth: no such file"),
+    (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such file or folder"),
+    (["--published", "/nonexistent/published.csv"], "--published /nonexistent/published.csv: no such file"),
+    (["--limit", "0"], "--limit 0: must be >= 1"),
 ])
-def test_bad_options_fail_with_clear_messages(tmp_path, argv, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        _run(tmp_path, *argv)
+def test_bad_options_exit_2_with_one_line_and_nothing_written(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cq.cli(["--size", str(SIZE), "--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no CSV
+
+
+def test_unwritable_outputs_fail_before_any_model_is_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the outputs were checked")
+
+    monkeypatch.setattr(cq, "load_colorizer", refuse)
+    monkeypatch.setattr(cq, "ImageFiles", refuse)
+    for option, path in (("--out-csv", blocker / "rows.csv"), ("--out", blocker / "figures"),
+                         ("--out-csv", tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            cq.cli(["--checkpoint", "random:colornet", option, str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"colorization_quality: error: {option} {path}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_quality_table_keeps_long_method_names_and_the_papers_numbers():
+    from ssl_colorize.quality_table import format_quality_table, quality_table
+
+    published = pd.DataFrame({"method": ["grey", "grey", "L2 regression"], "benchmark": ["colorization_quality"] * 3,
+                              "metric": ["auc_raw", "amt_fooled", "auc_raw"], "value": [89.1, 0.0, 91.2]})
+    long_label = "colornet rebalanced (" + "a-very-long-run-folder-name-" * 3 + ")"
+    rows = [dict(encoder="grey", protocol="baseline", metric="auc_raw", value=88.0,
+                 hparams=json.dumps({"label": "grey", "paper_method": "grey"})),
+            dict(encoder="colornet", protocol="annealed_mean", metric="auc_raw", value=90.5,
+                 hparams=json.dumps({"label": long_label})),
+            dict(encoder="colornet", protocol="temperature_sweep:T=1", metric="auc_raw", value=1.0,
+                 hparams=json.dumps({"label": long_label}))]
+    table = quality_table(rows, published)
+    assert list(table["method"]) == ["grey", long_label, "L2 regression"]
+    assert list(table["kind"]) == ["ours", "ours", "published"]
+    grey = table.iloc[0]
+    assert (grey["AuC raw"], grey["AuC raw (paper)"], grey["fooled (paper)"]) == (88.0, 89.1, 0.0)
+    assert table.iloc[1]["AuC raw"] == 90.5  # the main row, not the sweep's
+    text = format_quality_table(rows, published)
+    lines = text.splitlines()
+    assert any(line.startswith(long_label + " ") for line in lines)  # the full name, not cut at 50 characters
+    assert "91.2" in next(line for line in lines if line.startswith("L2 regression")).split()
+    assert "Table 1" in lines[-1]
+
+
+def test_unwritable_out_csv_fails_first_from_the_command_line(tmp_path):
+    """As a user runs it (a fresh process): exit 2, one line naming --out-csv, before any image is read."""
+    import subprocess
+    import sys
+    import time
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ssl_colorize.benchmarks.colorization_quality", "--checkpoint",
+                           "random:colornet", "--out-csv", str(blocker / "rows.csv")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"colorization_quality: error: --out-csv {blocker / 'rows.csv'}: {blocker} is a file, so the folder cannot be made"]
+    assert time.monotonic() - start < 60  # imports only: it used to fail after the whole evaluation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

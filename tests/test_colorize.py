@@ -11,7 +11,7 @@ from PIL import Image
 from skimage.color import rgb2lab
 
 from ssl_colorize.checkpoint import save_checkpoint
-from ssl_colorize.colorize import get_args_parser, main
+from ssl_colorize.colorize import cli, get_args_parser, main
 from ssl_colorize.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +81,45 @@ def test_unreadable_file_is_skipped_not_fatal(tmp_path, checkpoint, capsys):
         [str(tmp_path / "broken.jpg"), str(tmp_path / "ok.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]))
     assert [p.name for p in written] == ["ok_colorized.png"]
     assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_no_readable_input_exits_non_zero(tmp_path, checkpoint, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "notes.png").write_text("not an image either")
+    with pytest.raises(SystemExit) as exit_info:
+        cli([str(tmp_path / "broken.jpg"), str(tmp_path / "notes.png"), "--checkpoint", str(checkpoint),
+             "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "notes.png" in err and "none of the 2 image(s)" in err
+    assert not list((tmp_path / "o").iterdir())
+
+
+def _usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_checkpoint_and_options_exit_2_with_one_line(tmp_path, checkpoint, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    image, out = str(tmp_path / "a.png"), ["--out", str(tmp_path / "o")]
+    assert "--checkpoint" in _usage_error(capsys, [image, "--checkpoint", str(tmp_path / "none.pth"), *out])
+    (tmp_path / "empty_run").mkdir()
+    assert "checkpoint.pth" in _usage_error(capsys, [image, "--checkpoint", str(tmp_path / "empty_run"), *out])
+    (tmp_path / "foreign.pth").write_bytes(b"not a checkpoint")
+    assert "foreign.pth" in _usage_error(capsys, [image, "--checkpoint", str(tmp_path / "foreign.pth"), *out])
+    for extra, needle in ((["--net-size", "0"], "--net-size 0"), (["--device", "tpu"], "--device tpu"),
+                          (["--out", str(tmp_path / "a.png")], "--out")):
+        assert needle in _usage_error(capsys, [image, "--checkpoint", str(checkpoint), *out, *extra])
+    assert "--checkpoint" in _usage_error(capsys, [image])  # required
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_is_a_checkpoint(tmp_path, checkpoint):
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "ok.png")
+    written = cli([str(tmp_path / "ok.png"), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert [p.name for p in written] == ["ok_colorized.png"]

@@ -20,15 +20,16 @@ from PIL import Image
 from ssl_colorize.color import lab_to_rgb, rgb_to_lab
 from ssl_colorize.data import ImageFiles, builtin_photos
 from ssl_colorize.data.fast_path import (
-    PretrainLoader,
     TargetSpec,
     decode_batch,
     device_decode_available,
     resolve_data_path,
 )
+from ssl_colorize.data.loader import PretrainLoader
 from ssl_colorize.losses import soft_target_cross_entropy
-from ssl_colorize.pretrain import ResumableSampler, get_args_parser, main
+from ssl_colorize.pretrain import get_args_parser, main
 from ssl_colorize.targets import load_prior, rebalance_weights, soft_encode
+from ssl_colorize.training.pretext import ResumableSampler
 
 pytestmark = [
     pytest.mark.cuda,

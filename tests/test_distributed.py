@@ -120,3 +120,40 @@ def test_two_processes_join_a_gloo_group():
     # all_reduce sums 1 + 2 across the two ranks; gloo because this test runs on the CPU.
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     assert got == [(0, 2, 0, 0, 2, True, backend, 3.0), (1, 2, 1, 1, 2, False, backend, 3.0)]
+
+
+SUBMITIT_LOCAL = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2",
+                  "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "1",
+                  "SUBMITIT_LOCAL_LOCALID": "1"}
+
+
+def test_submitit_layout_is_exported_for_init_distributed(monkeypatch):
+    # Task 1 of a two-task submitit job: submitit's TorchDistributedEnvironment exports the torchrun
+    # variables, which detect_env (and so init_distributed) then reads.
+    for name in LAYOUT_VARS + ("LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SUBMITIT_LOCAL.items():
+        monkeypatch.setenv(name, value)
+    info = distributed.export_submitit_layout()
+    assert (info.rank, info.world_size, info.local_rank, info.source) == (1, 2, 1, "torchrun")
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "2", "2")
+    assert 20000 <= info.master_port <= 60000 and detect_env() == info
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # init_distributed picks the GPU by LOCAL_RANK itself
+    # Every task of the job derives the same rendezvous: task 0 gets the same address and port.
+    for name in LAYOUT_VARS:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "0")
+    monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "0")
+    task0 = distributed.export_submitit_layout()
+    assert (task0.rank, task0.master_addr, task0.master_port) == (0, info.master_addr, info.master_port)
+
+
+def test_submitit_layout_of_one_task_or_no_job_exports_nothing(monkeypatch):
+    for name in LAYOUT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert distributed.export_submitit_layout() is None
+    for name, value in {**SUBMITIT_LOCAL, "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0",
+                        "SUBMITIT_LOCAL_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.export_submitit_layout() is None and "RANK" not in os.environ

@@ -2,19 +2,12 @@
 
 Checked on the CPU against independent references: the trainer's own dataset and Lab step
 (ssl_colorize.pretrain), torchvision's per-file decoder, scikit-image's rgb2lab and a scikit-learn
-nearest-neighbour soft encoding (the reference path of benchmarks/throughput.py). And the throughput
-benchmark itself runs end to end on a tiny loss section (no timed assertions: speed targets live in the
-benchmark's output only).
+nearest-neighbour soft encoding (ssl_colorize.reference, the released code's way, which the throughput
+benchmark times as its baseline; the benchmark's own tests are in tests/test_throughput.py).
 """
 
 from __future__ import annotations
 
-import csv
-import importlib.util
-import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,25 +19,18 @@ from skimage.color import rgb2lab
 from ssl_colorize.color import rgb_to_lab
 from ssl_colorize.data import ImageFiles, builtin_photos, read_image
 from ssl_colorize.data.fast_path import (
-    PretrainLoader,
     TargetSpec,
     decode_batch,
     prepare_targets,
     resolve_data_path,
 )
 from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
-from ssl_colorize.pretrain import ResumableSampler, lab_inputs
+from ssl_colorize.data.loader import PretrainLoader
+from ssl_colorize.training.pretext import ResumableSampler, lab_inputs
+from ssl_colorize.reference import ReferenceData, ReferenceEncoder
 from ssl_colorize.targets import soft_encode
 
-REPO = Path(__file__).resolve().parent.parent
 CROP, RESIZE, STRIDE, BATCH = 48, 64, 4, 3
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _small_photos(size: int) -> list[np.ndarray]:
@@ -141,9 +127,8 @@ def test_lab_and_soft_targets_match_scikit_references(image_folder):
     reference = np.stack([rgb2lab(image.permute(1, 2, 0).numpy()) for image in batch.images]).transpose(0, 3, 1, 2)
     assert np.abs(batch.L.numpy() - reference[:, :1]).max() < 1e-3
     assert np.abs(batch.ab.numpy() - reference[:, 1:, ::STRIDE, ::STRIDE]).max() < 1e-3
-    # Soft targets: the benchmark's scikit-learn path (ball tree over the 313 centres, dense target).
-    benchmark = _load_benchmark()
-    dense_reference = benchmark.ReferenceEncoder().encode_dense(reference[:, 1:, ::STRIDE, ::STRIDE])
+    # Soft targets: the released code's scikit-learn path (ball tree over the 313 centres, dense target).
+    dense_reference = ReferenceEncoder().encode_dense(reference[:, 1:, ::STRIDE, ::STRIDE])
     dense_ours = _dense(*batch.encoded).numpy()
     assert np.abs(dense_ours - dense_reference).max() < 1e-3
     # The rebalancing weight comes from the nearest bin: ours is indices[:, 0], the reference's the argmax.
@@ -151,14 +136,13 @@ def test_lab_and_soft_targets_match_scikit_references(image_folder):
 
 
 def test_reference_crops_are_our_crops(tmp_path):
-    """The benchmark's reference path (PIL) cuts the same windows: exact on lossless PNGs at the resize size."""
-    benchmark = _load_benchmark()
+    """The reference data path (PIL) cuts the same windows: exact on lossless PNGs at the resize size."""
     for i, array in enumerate(_small_photos(RESIZE)[:4]):
         Image.fromarray(array).save(tmp_path / f"p{i}.png", format="PNG")
     files = ImageFiles(tmp_path)
     sampler = ResumableSampler(len(files), 4, seed=3)
     ours = next(iter(PretrainLoader(files, sampler, 4, CROP, RESIZE, "cpu", "workers")))
-    reference = benchmark.ReferenceData(files.paths, CROP, RESIZE, STRIDE, benchmark.ReferenceEncoder())
+    reference = ReferenceData(files.paths, CROP, RESIZE, STRIDE, ReferenceEncoder())
     for image, (index, seed) in zip(ours.images, list(sampler)):
         assert np.array_equal(image.permute(1, 2, 0).numpy(), reference.image(files.paths[index], seed))
 
@@ -209,45 +193,3 @@ def test_early_stop_and_errors_end_the_producer_thread(image_folder):
     with pytest.raises(RuntimeError, match="disk gone"):
         list(broken)
     assert threading.active_count() == before
-
-
-def test_benchmark_jobs_run_in_process(image_folder, tmp_path):
-    """The pretrain and probe measurements at toy sizes (the loss one runs in the CLI test below)."""
-    benchmark = _load_benchmark()
-    jpegs = benchmark.write_jpegs(tmp_path / "jpegs", 6, short_side=40)
-    common = {"section": "pretrain", "device": "cpu", "threads": 1, "workers": 0, "encoder": "resnet50_lab",
-              "crop": 32, "batch": 2, "steps": 1, "warmup": 0, "jpeg_dir": str(jpegs)}
-    for variant in ("compute", "ours_workers", "ours_device", "reference"):
-        result = benchmark.run_job_here({**common, "variant": variant})
-        assert result["images_per_s"] > 0 and result["peak_host_mb"] > 0
-        assert 0 <= result["data_wait_share"] <= 1
-        assert variant == "compute" or result["data_only_images_per_s"] > 0
-    probe = {"section": "probe", "device": "cpu", "threads": 1, "encoder": "alexnet_lab", "crop": 99, "batch": 2,
-             "classes": 5, "steps": 1, "warmup": 0}
-    for variant in ("one_pass", "single_tap"):
-        result = benchmark.run_job_here({**probe, "variant": variant})
-        assert result["taps"] == ["conv1", "conv2", "conv3", "conv4", "conv5"] and result["ms_per_step"] > 0
-
-
-def test_throughput_cli_writes_rows_and_verdicts(tmp_path):
-    out_csv = tmp_path / "throughput.csv"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--sections", "loss", "--loss-batch", "4",
-         "--loss-size", "56", "--steps", "1", "--warmup", "0", "--threads", "1", "--no-progress", "--out-csv", str(out_csv)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out_csv) as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-    assert reader.fieldnames == ["time", "code_version", "device", "torch", "torchvision", "section", "variant", "settings",
-                                 "images_per_s", "ms_per_step", "peak_host_mb", "peak_device_mb", "ratio"]
-    assert [r["variant"] for r in rows] == ["reference", "ours"]
-    assert all(r["section"] == "loss" and r["torch"] == torch.__version__ for r in rows)
-    assert float(rows[1]["ratio"]) > 0 and float(rows[0]["ms_per_step"]) > 0
-    settings = json.loads(rows[1]["settings"])
-    assert settings["logits"] == [4, 313, 56, 56] and settings["extra_host_mb"] is not None
-    lines = proc.stdout.strip().splitlines()
-    pattern = re.compile(r"^[a-z_]+: ratio \d+\.\d+x \(ours [^,]+, reference [^)]+\)")
-    assert pattern.match(lines[-2]) and lines[-2].startswith("loss_speed_cpu:")
-    assert pattern.match(lines[-1]) and lines[-1].startswith("loss_extra_host_memory:")

@@ -1,5 +1,6 @@
 """The pretext trainer: resume equivalence, DDP equivalence, bad input, run-folder contents."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,8 +16,11 @@ import torch
 from PIL import Image
 
 from ssl_colorize.checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from ssl_colorize.data.loader import PretrainLoader
+from ssl_colorize.engine.cli import UsageError
 from ssl_colorize.models import create_model
-from ssl_colorize.pretrain import get_args_parser, main
+from ssl_colorize.pretrain import cli, get_args_parser, main
+from ssl_colorize.training.pretext import ResumableSampler, UnreadableGuard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,9 +61,27 @@ def assert_same_weights(a, b, atol=1e-6):
         assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=1e-5), key
 
 
-def test_builtin_run_leaves_checkpoint_log_preview_and_snapshots(tmp_path):
+def read_log(folder):
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+def usage_error(capsys, argv):
+    """Run the command line in this process: -> its one stderr line (exit status 2 asserted)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_builtin_run_leaves_checkpoint_log_preview_and_snapshots(tmp_path, capsys):
     result = run(tmp_path, "r", "--steps", "6", "--ckpt-every", "3", "--snapshot-every", "3")
     out = Path(result["out"])
+    printed = capsys.readouterr().out
+    assert "s/step measured over steps 2-4" in printed and "for the 2 steps left" in printed  # the time it takes
+    assert f"checkpoint {out / 'checkpoint.pth'}" in printed  # where the result is, and what to run next
+    assert f"linear_probe.py --checkpoint {out / 'checkpoint.pth'}" in printed
     assert (out / "checkpoint.pth").is_file() and (out / "config.json").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -80,10 +102,15 @@ def test_builtin_run_leaves_checkpoint_log_preview_and_snapshots(tmp_path):
 
 def test_resume_after_stop_equals_uninterrupted(tmp_path):
     full = run(tmp_path, "full", "--steps", "6", "--ckpt-every", "2")
+    assert not (tmp_path / "full" / "snapshots").exists()  # built-in runs keep the rolling checkpoint only
     run(tmp_path, "split", "--steps", "6", "--ckpt-every", "2", "--stop-after", "3")
     assert load_checkpoint(tmp_path / "split" / "checkpoint.pth")["step"] == 3
+    with open(tmp_path / "split" / "log.jsonl", "a") as log:  # a kill after logging step 4, before its checkpoint
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
     resumed = run(tmp_path, "split", "--steps", "6", "--ckpt-every", "2", "--resume")
     assert resumed["step"] == 6
+    assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]
+    assert read_log(tmp_path / "split")[3]["loss"] != 1.0  # the resumed run's record, not the stale one
     assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "full" / "checkpoint.pth"), weights(tmp_path / "split" / "checkpoint.pth"))
 
@@ -109,6 +136,7 @@ def test_resume_after_a_real_kill(tmp_path):
     assert 2 <= step_at_kill < 6
     resumed = run(tmp_path, "killed", "--steps", "6", "--ckpt-every", "2", "--resume")
     assert resumed["step"] == 6
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6]  # no step twice after kill + resume
     assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "full" / "checkpoint.pth"), weights(out / "checkpoint.pth"))
 
@@ -155,36 +183,123 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
     assert compared >= 8  # every conv / fc weight and the head
 
 
-def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, capsys):
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "data", n_per_class=8)
     (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     (data / "b" / "empty.png").write_bytes(b"")
     (data / "b" / "notes.txt").write_text("not an image")
+    loaders = []
+    original = PretrainLoader.host_loader
+    monkeypatch.setattr(PretrainLoader, "host_loader", lambda self: loaders.append(self) or original(self))
     result = main(get_args_parser().parse_args(
         ["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--steps", "8", "--ckpt-every", "8"]))
     assert result["step"] == 8
+    assert max(r["epoch"] for r in read_log(tmp_path / "r")) >= 1  # 18 files, 4 a batch: past one epoch ...
+    assert len(loaders) == 1  # ... with one DataLoader for the whole run
     assert result["skipped"] >= 2  # both bad files were met at least once in 8 steps over 18 files
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "empty.png" in err and "skipped" in err
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
-def test_missing_or_empty_data_fails_before_training(tmp_path, make):
+def test_missing_or_empty_data_fails_before_training(tmp_path, make, capsys):
     data = tmp_path / "data"
     if make == "empty":
         (data / "class").mkdir(parents=True)
-    with pytest.raises(ValueError, match=str(data)):
-        main(get_args_parser().parse_args(["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--steps", "2"]))
+    line = usage_error(capsys, ["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--steps", "2"])
+    assert f"--data {data}" in line
     assert not (tmp_path / "r").exists()
 
 
-def test_bad_options_fail_before_any_work(tmp_path):
-    script = [sys.executable, "-m", "ssl_colorize.pretrain", "--out", str(tmp_path / "r")]
-    for extra, needle in ((["--encoder", "vgg99"], "vgg99"), (["--lr", "-1"], "--lr"), (["--crop", "8"], "--crop"),
-                          (["--prior", str(tmp_path / "nope.csv")], "--prior")):
-        done = subprocess.run(script + extra, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert done.returncode == 2 and needle in done.stderr, done.stderr
+def test_a_folder_with_nothing_readable_stops_at_once(tmp_path):
+    """Issue 16: 40 text files named .jpg: one line naming the folder, exit 2, in seconds, nothing written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(40):
+        (data / f"photo_{i:02d}.jpg").write_text("not an image\n")
+    cmd = [sys.executable, "-m", "ssl_colorize.pretrain", "--data", str(data), "--out", str(tmp_path / "r"),
+           "--batch-size", "4", "--no-progress"]
+    started = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(data) in lines[0] and "photo_00.jpg" in lines[0], lines
+    assert time.time() - started < 60
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
+
+
+def test_unreadable_guard_counts_files_in_a_row():
+    guard = UnreadableGuard("data/", num_files=5000)
+    assert guard.limit == 1000
+    for _ in range(99):
+        guard.update([f"bad{i}.jpg" for i in range(10)], decoded=0)
+    guard.update(["x.jpg"], decoded=3)  # a batch with a readable image ends the run of bad files
+    for _ in range(99):
+        guard.update([f"bad{i}.jpg" for i in range(10)], decoded=0)
+    with pytest.raises(UsageError, match=r"--data data/: 1000 files in a row .*bad0\.jpg"):
+        guard.update([f"bad{i}.jpg" for i in range(10)], decoded=0)
+    small = UnreadableGuard("small/", num_files=6)  # fewer files than the bound: all of them
+    small.update(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], decoded=0)
+    with pytest.raises(UsageError, match="6 files in a row"):
+        small.update(["e.jpg", "f.jpg"], decoded=0)
+
+
+def test_endless_sampler_runs_the_epochs_one_after_the_other():
+    epochs = []
+    for epoch in range(3):
+        one = ResumableSampler(10, 3, seed=7)
+        one.set_position(epoch, 0)
+        epochs += list(one)
+    endless = ResumableSampler(10, 3, seed=7, endless=True)
+    items = iter(endless)
+    assert [next(items) for _ in range(27)] == epochs  # 3 batches of 3 per epoch (one image left out)
+    resumed = ResumableSampler(10, 3, seed=7, endless=True)
+    resumed.set_position(1, 2)  # resumed in the middle of the second epoch
+    items = iter(resumed)
+    assert [next(items) for _ in range(12)] == epochs[15:]
+    assert epochs[:9] != epochs[9:18]  # each epoch its own order
+
+
+def test_used_run_folder_is_refused_and_overwrite_starts_clean(tmp_path, capsys):
+    argv = ["--out", str(tmp_path / "r"), *TINY, "--steps", "2", "--ckpt-every", "2"]
+    cli(argv)
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    line = usage_error(capsys, argv)
+    assert "--resume" in line and "--overwrite" in line and str(tmp_path / "r") in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+    (tmp_path / "r" / "mine.txt").write_text("not the run's")  # the user's own file in the folder
+    result = cli([*argv, "--overwrite", "--lr", "3e-4"])
+    assert result["step"] == 2
+    assert [r["step"] for r in read_log(tmp_path / "r")] == [1, 2]  # a fresh log, from step 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 3e-4
+    assert (tmp_path / "r" / "mine.txt").read_text() == "not the run's"
+
+
+def test_bad_options_fail_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "bad_prior.csv").write_text("0.5\n0.5\n")  # 2 values, not 313
+    for extra, needle in ((["--encoder", "vgg99"], "vgg99"), (["--lr", "-1"], "--lr -1"), (["--crop", "8"], "--crop 8"),
+                          (["--prior", str(tmp_path / "nope.csv")], "--prior"), (["--lam", "1.5"], "--lam 1.5"),
+                          (["--prior", str(tmp_path / "bad_prior.csv")], "313 values"),
+                          (["--steps", "0"], "--steps 0"), (["--ckpt-every", "0"], "--ckpt-every 0"),
+                          (["--k", "0"], "--k 0"), (["--sigma", "0"], "--sigma 0"), (["--betas", "0.9"], "--betas"),
+                          (["--lr-steps", "5,8", "--lr-factors", "0.1"], "--lr-factors"),
+                          (["--data", str(tmp_path / "missing")], "--data"), (["--device", "tpu"], "--device tpu"),
+                          (["--out-csv", str(tmp_path / "file" / "x.csv")], "--out-csv"),
+                          (["--resume", "--overwrite"], "--resume")):
+        line = usage_error(capsys, ["--out", str(tmp_path / "r"), *extra])
+        assert needle in line, line
     assert not (tmp_path / "r").exists()
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "pip install tensorboard" in usage_error(capsys, ["--out", str(tmp_path / "r"), "--tensorboard"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_scalars_beside_the_log(tmp_path):
+    run(tmp_path, "tb", "--steps", "2", "--tensorboard")
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

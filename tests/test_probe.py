@@ -1,12 +1,12 @@
 """Linear probes (docs/protocols.md section 4): geometry, the frozen-encoder guard, the whole benchmark path,
-resumption after a kill, and bad input.
+resumption after a kill, and bad input. (The command line, the run folder and --checkpoint references:
+tests/test_probe_cli.py.)
 
 Small on purpose: a 3-class ImageFolder of 72x80 images, 64 px crops, a few iterations.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -20,6 +20,8 @@ from skimage.color import rgb2lab
 from skimage.transform import resize as sk_resize
 
 from ssl_colorize import results
+from ssl_colorize.benchmarks import linear_probe
+from ssl_colorize.engine.cli import UsageError
 from ssl_colorize.models import create_model
 from ssl_colorize.heads.probe import (
     FrozenEncoderGuard,
@@ -30,18 +32,7 @@ from ssl_colorize.heads.probe import (
     probe_grid,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("apple", "boat", "cloud")
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("linear_probe_benchmark", REPO / "benchmarks" / "linear_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-linear_probe = _load_benchmark()
 
 
 def _image(rng: np.random.Generator, label: int) -> np.ndarray:
@@ -196,7 +187,7 @@ def test_training_with_an_unfrozen_encoder_fails_loudly(tiny_data, tmp_path, mon
     monkeypatch.setattr(MultiTapProbe, "train", lambda self, mode=True: torch.nn.Module.train(self, mode))
     with pytest.raises(RuntimeError, match=r"frozen encoder changed.*running_mean"):
         linear_probe.main(probe_args(tiny_data, tmp_path))
-    assert not (tmp_path / "results" / "probe.csv").exists()  # no rows from a void run
+    assert len(results.read_rows(tmp_path / "results" / "probe.csv")) == 0  # no rows from a void run
 
 
 def test_training_that_touches_an_encoder_weight_fails_loudly(tiny_data, tmp_path, monkeypatch):
@@ -262,8 +253,12 @@ def test_main_end_to_end_writes_the_rows(tiny_data, tmp_path):
         assert abs(value * 9 / 100 - round(value * 9 / 100)) < 1e-3  # rows keep 4 decimals
         reference, ties = _reference_top1(result, tiny_data, tap)
         assert abs(value - reference) <= 100.0 * ties / 9 + 1e-3, tap
-    assert result["log"].is_file() and "val_top1_conv5" in result["log"].read_text()
-    assert (tmp_path / "run" / "probe_checkpoint.pth").is_file()
+    assert result["log"] == tmp_path / "run" / "log.jsonl" and "val_top1_conv5" in result["log"].read_text()
+    for name in ("checkpoint.pth", "config.json", "summary.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_files"] == 0 and summary["taps"] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert not list(tmp_path.rglob("*.lock"))  # appending rows leaves no lock files behind
 
 
 class SimulatedKill(BaseException):
@@ -271,14 +266,15 @@ class SimulatedKill(BaseException):
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch, capsys):
-    common = ("--epochs", "2", "--save-every-iters", "1", "--layer", "conv1,conv3")
+    # 3 batches per epoch; saves at each epoch's end and every 5 iterations; a log record every iteration.
+    common = ("--epochs", "2", "--save-every-iters", "5", "--log-every", "1", "--layer", "conv1,conv3")
     whole = linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--run-id", "whole", name="whole"))
 
     original = MultiTapProbe.training_step
     calls = {"n": 0}
 
     def dying_step(self, *a, **kw):
-        if calls["n"] == 4:  # dies during the second epoch's second step
+        if calls["n"] == 4:  # dies in iteration 5: iteration 4 is logged, the last save was at 3
             raise SimulatedKill
         calls["n"] += 1
         return original(self, *a, **kw)
@@ -287,22 +283,31 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_pat
     with pytest.raises(SimulatedKill):
         linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--run-id", "killed", name="killed"))
     monkeypatch.setattr(MultiTapProbe, "training_step", original)
+    assert max(r["step"] for r in read_log(tmp_path / "killed")) == 4  # a record past the checkpoint
     capsys.readouterr()
-    resumed = linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--run-id", "killed", name="killed"))
-    assert "resuming killed" in capsys.readouterr().out
+    resumed = linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--run-id", "killed", "--resume",
+                                           name="killed"))
+    assert "resuming killed from" in capsys.readouterr().out
     assert resumed["metrics"] == whole["metrics"]
     for name, tensor in whole["probe"].heads.state_dict().items():
         assert torch.equal(tensor, resumed["probe"].heads.state_dict()[name]), name
+    # log.jsonl holds the uninterrupted run's records, none twice (iteration 4 was cut, then redone).
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_log(tmp_path / "whole")]
+    assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_log(tmp_path / "killed")] == strip
     table = results.read_rows(tmp_path / "results" / "probe.csv")
     mine = table[table["run_id"] == "killed"]
     assert len(mine) == 2 * 2  # rows written once, by the run that finished
     # Rerunning a finished run neither trains again nor duplicates its rows.
-    again = linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--run-id", "killed", name="killed"))
+    again = linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--run-id", "killed", "--resume", name="killed"))
     assert again["metrics"] == whole["metrics"]
     assert len(results.read_rows(tmp_path / "results" / "probe.csv").query("run_id == 'killed'")) == 4
     # A resume with different settings is refused, naming the setting.
-    with pytest.raises(ValueError, match="lr"):
-        linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--lr", "0.5", name="killed"))
+    with pytest.raises(UsageError, match="lr: checkpoint 0.01 vs now 0.5"):
+        linear_probe.main(probe_args(tiny_data, tmp_path, *common, "--lr", "0.5", "--resume", name="killed"))
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,32 +322,35 @@ def test_missing_split_folder_is_named(tmp_path):
     for d in sorted((data / "val").rglob("*"), reverse=True):
         d.rmdir()
     (data / "val").rmdir()
-    with pytest.raises(ValueError, match=r"no val/ folder"):
+    with pytest.raises(UsageError, match=r"no val/ folder"):
         linear_probe.main(probe_args(data, tmp_path))
 
 
 def test_mismatched_classes_are_named(tmp_path):
     data = make_imagefolder(tmp_path / "mismatch", per_class=(2, 1))
     (data / "val" / "cloud").rename(data / "val" / "clouds")
-    with pytest.raises(ValueError, match=r"different classes.*only in train/: \['cloud'\].*only in val/: \['clouds'\]"):
+    with pytest.raises(UsageError, match=r"different classes.*only in train/: \['cloud'\].*only in val/: \['clouds'\]"):
         linear_probe.main(probe_args(data, tmp_path))
 
 
 def test_images_outside_class_folders_are_refused(tmp_path):
     data = make_imagefolder(tmp_path / "loose", per_class=(2, 1))
     Image.fromarray(np.zeros((72, 80, 3), np.uint8)).save(data / "val" / "stray.jpg")
-    with pytest.raises(ValueError, match=r"val/ holds 1 image\(s\) outside class folders"):
+    with pytest.raises(UsageError, match=r"val/ holds 1 image\(s\) outside class folders"):
         linear_probe.main(probe_args(data, tmp_path))
 
 
 def test_unknown_layer_lists_the_encoder_taps(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match=r"--layer 'conv9'.*available taps: \['conv1', 'conv2', 'conv3', 'conv4', "
+    with pytest.raises(UsageError, match=r"--layer 'conv9'.*available taps: \['conv1', 'conv2', 'conv3', 'conv4', "
                                          r"'conv5', 'fc6', 'fc7'\]"):
         linear_probe.main(probe_args(tiny_data, tmp_path, "--layer", "conv9"))
 
 
 def test_rgb_input_modes_are_for_rgb_encoders(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match=r"input mode 'grey' is for RGB encoders"):
+    with pytest.raises(UsageError, match=r"--input grey-rgb: input mode 'grey-rgb' is for RGB encoders"):
+        linear_probe.main(probe_args(tiny_data, tmp_path, "--input", "grey-rgb"))
+    # The old spelling is still understood (a hidden alias), with the same answer.
+    with pytest.raises(UsageError, match=r"--input grey-rgb: input mode 'grey-rgb' is for RGB encoders"):
         linear_probe.main(probe_args(tiny_data, tmp_path, "--input-mode", "grey"))
 
 

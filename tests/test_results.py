@@ -26,17 +26,21 @@ def _row(run_id="r", tap="conv1", value=1.0, metric="top1", dataset="imagenet", 
 
 
 # ----------------------------------------------------------------------------------------------
-# Many writers, one file
+# Many writers, one table: one file per append_rows call, no lock, nothing torn or lost
 # ----------------------------------------------------------------------------------------------
+
+ROWS_PER_APPEND = 10
+
 
 def _writer(csv_path: str, worker: int, appends: int) -> None:
     for i in range(appends):
-        results.append_rows(csv_path, [_row(run_id=f"w{worker}-{i}", tap=t, value=worker + i / 100) for t in ("conv1", "conv2")])
+        results.append_rows(csv_path, [_row(run_id=f"w{worker}-{i}", tap=f"t{k}", value=worker + i / 1000 + k)
+                                       for k in range(ROWS_PER_APPEND)])
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
-    csv_path = tmp_path / "merged.csv"
-    workers, appends = 4, 15
+    csv_path = tmp_path / "results" / "merged.csv"
+    workers, appends = 4, 100
     context = mp.get_context("fork")
     processes = [context.Process(target=_writer, args=(str(csv_path), w, appends)) for w in range(workers)]
     for p in processes:
@@ -45,13 +49,80 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         p.join(timeout=120)
         assert p.exitcode == 0
     table = results.read_rows(csv_path)
-    assert len(table) == workers * appends * 2
-    expected = {(f"w{w}-{i}", t) for w in range(workers) for i in range(appends) for t in ("conv1", "conv2")}
+    assert len(table) == workers * appends * ROWS_PER_APPEND == 4000
+    expected = {(f"w{w}-{i}", f"t{k}") for w in range(workers) for i in range(appends) for k in range(ROWS_PER_APPEND)}
     assert set(zip(table["run_id"], table["tap"])) == expected
-    for _, row in table.iterrows():  # every value intact, next to its own run id
-        worker, index = row["run_id"][1:].split("-")
-        assert row["value"] == pytest.approx(int(worker) + int(index) / 100)
-    assert csv_path.read_text().count("run_id,benchmark") == 1  # one header
+    worker_index = table["run_id"].str[1:].str.split("-", expand=True).astype(int)
+    tap_index = table["tap"].str[1:].astype(int)
+    # every value intact, next to its own run id
+    assert np.allclose(table["value"], worker_index[0] + worker_index[1] / 1000 + tap_index)
+    # One file per call, every one complete; no lock files, no temporary files, no shared main CSV.
+    parts = sorted(results.parts_dir(csv_path).iterdir())
+    assert len(parts) == workers * appends and all(p.suffix == ".csv" and not p.name.startswith(".") for p in parts)
+    assert all(p.read_text().count("\n") == ROWS_PER_APPEND + 1 for p in parts)
+    assert sorted(f.name for f in csv_path.parent.iterdir()) == ["merged.csv.d"]
+    # Each process's files read back in the order it wrote them (names start with the UTC time).
+    mine = table[table["run_id"].str.startswith("w2-")]
+    assert list(dict.fromkeys(mine["run_id"])) == [f"w2-{i}" for i in range(appends)]
+
+
+def test_the_launchers_finished_run_lookup_sees_per_run_files(tmp_path):
+    """The sweep launcher skips runs whose rows exist: it must see rows written as per-run files."""
+    submit = pytest.importorskip("ssl_colorize.launch.submit", reason="the launcher's module moved")
+    csv_path = tmp_path / "sweep.csv"
+    assert submit.finished_run_ids(csv_path) == set()
+    results.append_rows(csv_path, [_row(run_id="a")])
+    results.append_rows(csv_path, [_row(run_id="b"), _row(run_id="b", tap="conv2")])
+    assert submit.finished_run_ids(csv_path) == {"a", "b"} and submit.rows_exist(csv_path, "b")
+
+
+def test_a_part_file_is_named_after_its_run_and_empty_appends_write_nothing(tmp_path):
+    csv_path = tmp_path / "rows.csv"
+    assert results.append_rows(csv_path, []) == results.parts_dir(csv_path)
+    assert not results.parts_dir(csv_path).exists() and results.read_rows(csv_path).empty
+    written = results.append_rows(csv_path, [_row(run_id="probe a/b", tap="conv1")])
+    assert written.parent == tmp_path / "rows.csv.d" and "-probe_a_b-" in written.name
+    assert written.read_text().splitlines()[0] == ",".join(results.COLUMNS)
+    mixed = results.append_rows(csv_path, [_row(run_id="x"), _row(run_id="y")])
+    assert "-mixed-" in mixed.name and mixed != written
+    with pytest.raises(ValueError, match="lacks"):
+        results.append_rows(csv_path, [{"run_id": "z"}])
+
+
+def test_read_rows_gathers_the_main_csv_and_the_per_run_files(tmp_path):
+    """A table written before the per-run layout (one CSV) still counts, its rows first."""
+    csv_path = tmp_path / "old.csv"
+    legacy = pd.DataFrame([vars(_row(run_id="legacy", tap=t, value=1.0)) for t in TAPS])
+    legacy.to_csv(csv_path, index=False)
+    results.append_rows(csv_path, [_row(run_id="new", tap="conv1", value=2.0)])
+    table = results.read_rows(csv_path)
+    assert list(table["run_id"]) == ["legacy"] * 5 + ["new"]
+    # The per-run folder can be named on its own, and several tables read together.
+    other = tmp_path / "other.csv"
+    results.append_rows(other, [_row(run_id="o")])
+    assert list(results.read_rows(results.parts_dir(csv_path))["run_id"]) == ["new"]
+    assert len(results.read_rows([csv_path, other, tmp_path / "absent.csv"])) == 7
+    # A killed writer's hidden temporary file is skipped; a foreign CSV is named in the error.
+    (results.parts_dir(csv_path) / ".x.csv.abc.tmp").write_text("run_id\ntorn")
+    assert len(results.read_rows(csv_path)) == 6
+    (results.parts_dir(csv_path) / "foreign.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="foreign.csv is not a results table"):
+        results.read_rows(csv_path)
+
+
+def test_find_tables_sees_main_csvs_and_per_run_folders_only(tmp_path):
+    results.append_rows(tmp_path / "a.csv", [_row()])
+    pd.DataFrame([vars(_row())]).to_csv(tmp_path / "b.csv", index=False)
+    (tmp_path / "throughput.csv").write_text("section,value\nloss,1\n")
+    assert results.find_tables(tmp_path) == [tmp_path / "a.csv", tmp_path / "b.csv"]
+    assert results.find_tables(tmp_path / "absent") == []
+
+
+def test_code_version_is_the_package_version():
+    import ssl_colorize
+
+    assert results.code_version() == ssl_colorize.__version__ and ssl_colorize.__version__
+    assert _row().code_version == ssl_colorize.__version__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +152,9 @@ PROTOCOL_PLACES = {
 
 def test_published_csv_holds_every_protocol_number_with_a_source():
     published = results.load_published()
+    # Package data, read through importlib.resources (the same table as the file beside the module).
+    assert results.PUBLISHED_CSV.is_file()
+    assert published.equals(results.load_published(Path(results.__file__).with_name("published.csv")))
     assert list(published.columns) == results.PUBLISHED_COLUMNS
     assert (published["source"].str.len() > 20).all() and (published["tag"].str.len() > 0).all()
     assert published["value"].dtype.kind == "f"
@@ -194,6 +268,65 @@ def test_cli_prints_the_table_and_draws_the_plot(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "ssl_colorize.results", str(csv_path), "--no-published"],
                           capture_output=True, text=True, cwd=REPO, check=True)
     assert "ours: alexnet_lab random" in done.stdout and "Zhang" not in done.stdout
+
+
+def _module_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssl_colorize.results", *argv], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_cli_reads_our_tables_from_the_current_folder_and_prints_the_published_alone_without_them(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _module_cli(cwd=empty)
+    assert done.returncode == 0, done.stderr
+    assert "linear_probe | imagenet | top1 (published)" in done.stdout and "ours:" not in done.stdout
+    assert list(empty.iterdir()) == []  # reading the tables writes nothing
+    # Rows of ours under ./results/ (a per-run folder only, as jobs write them) are found by default.
+    results.append_rows(empty / "results" / "linear_probe.csv", [_row(run_id="x", tap=t, value=7.0) for t in TAPS])
+    done = _module_cli("--benchmark", "linear_probe", "--dataset", "imagenet", cwd=empty)
+    assert done.returncode == 0 and "ours: alexnet_lab random" in done.stdout
+    # Named explicitly by its main CSV name, though only the per-run folder exists.
+    assert "ours: alexnet_lab random" in _module_cli("results/linear_probe.csv", cwd=empty).stdout
+    assert "ours: alexnet_lab random" in _module_cli("results", cwd=tmp_path / "empty").stdout  # a folder of tables
+    # --export gathers the (filtered) rows into one CSV, which reads back as the same rows.
+    results.append_rows(empty / "results" / "voc.csv", [_row(run_id="v", benchmark="voc_detection", tap="all")])
+    done = _module_cli("--export", "all.csv", "--benchmark", "linear_probe", cwd=empty)
+    assert done.returncode == 0 and "5 rows -> all.csv" in done.stdout
+    exported = results.read_rows(empty / "all.csv")
+    pd.testing.assert_frame_equal(exported, results.read_rows(empty / "results" / "linear_probe.csv"))
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["missing.csv"], "CSV missing.csv: no such results table"),
+    (["--published", "nope.csv"], "--published nope.csv: no such file"),
+    (["--png", "a_file/plot.png"], "--png a_file/plot.png: "),
+    (["foreign.csv"], "foreign.csv is not a results table"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["foreign.csv", "--export", "foreign.csv"], "--export foreign.csv: is one of the tables read"),
+])
+def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, argv, expect):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
+    before = sorted(tmp_path.iterdir())
+    done = _module_cli(*argv, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in done.stderr
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_plots_leave_pyplot_alone(tmp_path):
+    """A figure of its own: pyplot is neither imported nor switched to another backend."""
+    code = ("import sys; from ssl_colorize import results as r; import pandas as pd\n"
+            "t = r.paper_table(pd.DataFrame(columns=r.COLUMNS), r.load_published(), benchmark='linear_probe',"
+            " dataset='imagenet')\n"
+            f"r.plot_accuracy_vs_layer(t, {str(tmp_path / 'p.png')!r})\n"
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    with Image.open(tmp_path / "p.png") as image:
+        assert image.format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]  # no temporary file left
 
 
 def test_text_columns_stay_text_when_they_look_like_numbers(tmp_path):

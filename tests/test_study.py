@@ -18,13 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from ssl_colorize.color import rgb_to_lab
-from ssl_colorize.study.__main__ import get_args_parser, main as study_main
+from ssl_colorize.results import read_rows
+from ssl_colorize.study.__main__ import cli as study_cli, get_args_parser, main as study_main
 from ssl_colorize.study.build import build_study
 from ssl_colorize.study.db import AnswerRejected, StudyDB
 from ssl_colorize.study.plan import Protocol, load_study, plan_session, session_rng
@@ -105,6 +105,53 @@ def test_build_refuses_bad_input(tmp_path, study_dir):
         build_study(["random:colornet"], tmp_path / "new", photos=grey, protocol=Protocol(size=SIZE))
     with pytest.raises(ValueError, match="attention_rate"):
         Protocol(attention_rate=1.5).validate()
+
+
+def _cli_error(capsys, argv) -> str:
+    """Run ``python -m ssl_colorize.study ARGV``: it must exit 2 with one stderr line; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_bad_options_and_paths_exit_2_with_one_line(study_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    build = ["build", "--checkpoint", "random:colornet", "--out"]
+    for argv, expected in (
+        ([*build, str(tmp_path / "s"), "--size", "4"], "image size must be at least 8"),
+        ([*build, str(tmp_path / "s"), "--attention-rate", "1.5"], "attention_rate"),
+        ([*build, str(tmp_path / "s"), "--temperature", "0"], "--temperature 0.0: must be > 0"),
+        ([*build, str(tmp_path / "s"), "--photos", str(tmp_path / "nope")], "--photos"),
+        ([*build, str(tmp_path / "s"), "--arm-name", "a", "b"], "--arm-name a b: 2 names for 1 checkpoints"),
+        (["build", "--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "s")], "missing.pth"),
+        ([*build, str(blocker / "s")], f"--out {blocker / 's'}"),
+        ([*build, str(study_dir)], "already holds a study"),
+        (["serve", str(tmp_path / "nope"), "--port", "0"], "is not a study folder"),
+        (["serve", str(study_dir), "--port", "70000"], "--port 70000: must be <= 65535"),
+        (["report", str(study_dir)], "no answers yet"),
+        (["report", str(tmp_path)], "is not a study folder"),
+        (["report", str(study_dir), "--bootstrap", "1"], "--bootstrap 1"),
+        (["build", "--out"], "--out: expected one argument"),
+    ):
+        line = _cli_error(capsys, argv)
+        assert line.startswith("python -m ssl_colorize.study") and expected in line, (argv, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written, no results/ folder
+
+
+def test_cli_report_out_csv_checked_before_reading_answers(study_dir, tmp_path, capsys):
+    study = tmp_path / "study"
+    shutil.copytree(study_dir, study)
+    StudyDB(study / "answers.sqlite", arms=["colornet", "alexnet"]).close()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _cli_error(capsys, ["report", str(study), "--out-csv", str(blocker / "rows.csv")])
+    assert f"--out-csv {blocker / 'rows.csv'}" in line
+    assert not (tmp_path / "a-file.d").exists()
 
 
 # -------------------------------------------------------------------------------------- database rules
@@ -229,7 +276,7 @@ def _check_database_and_report(study: Path, sessions: list[str], tmp_path: Path)
     out_csv = tmp_path / "rows.csv"
     study_main(get_args_parser().parse_args(
         ["report", str(study), "--bootstrap", "2000", "--seed", "4", "--out-csv", str(out_csv), "--run-id", "t"]))
-    rows = pd.read_csv(out_csv)
+    rows = read_rows(out_csv)
     sel = rows[(rows.metric == "amt_fooled") & (rows.checkpoint == "random:colornet")]
     assert float(sel.value.iloc[0]) == pytest.approx(reports["colornet"].fooled_rate)
     assert set(rows.protocol) == {"real_vs_fake_2afc"} and set(rows.benchmark) == {"colorization_quality"}

@@ -5,9 +5,7 @@ unknown class, an undecodable JPEG, a mask outside the palette): each run must f
 name them. Sizes and iteration counts are tiny; the numbers are only checked for shape and range.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +14,19 @@ import pytest
 import torch
 from torch import nn
 
+from ssl_colorize.benchmarks import voc_classification as cls_bench
+from ssl_colorize.benchmarks import voc_detection as det_bench
+from ssl_colorize.benchmarks import voc_segmentation as seg_bench
 from ssl_colorize.checkpoint import load_encoder
 from ssl_colorize.data.builtin_voc import make_voc_fixture
 from ssl_colorize.data.voc import VOC_CLASSES, load_main_split
+from ssl_colorize.engine.finetune import UntouchedGuard, finetune_modules, resolve_input, to_model_input
+from ssl_colorize.heads import detection, segmentation
 from ssl_colorize.models import create_model
 from ssl_colorize.results import load_published, paper_table, read_rows
-from ssl_colorize.engine.finetune import UntouchedGuard, resolve_input, to_model_input
 
-REPO = Path(__file__).resolve().parent.parent
 BAD = ("missing_annotation", "unknown_class", "corrupt_image", "bad_mask")
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"voc_bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cls_bench = load_benchmark("voc_classification")
-det_bench = load_benchmark("voc_detection")
-seg_bench = load_benchmark("voc_segmentation")
-svm_bench = load_benchmark("voc_svm")
+BENCHMARKS = {"voc_classification": cls_bench, "voc_detection": det_bench, "voc_segmentation": seg_bench}
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +139,27 @@ def test_inputs_follow_the_encoder():
     assert to_model_input(images, "L").shape == (2, 1, 8, 8)
 
 
-@pytest.mark.parametrize("benchmark", ["voc_classification", "voc_detection", "voc_svm", "voc_segmentation"])
-def test_missing_split_is_a_value_error_before_any_work(benchmark, tmp_path):
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_missing_split_is_one_line_before_any_work(benchmark, tmp_path, capsys):
     voc = make_voc_fixture(tmp_path / "data", n_trainval07=2, n_test07=2, n_train12=2, n_val12=2,
                            image_size=(32, 40), bad=("missing_split",))
-    module = {"voc_classification": cls_bench, "voc_detection": det_bench, "voc_svm": svm_bench,
-              "voc_segmentation": seg_bench}[benchmark]
+    module = BENCHMARKS[benchmark]
     extra = ["--eval-ids", str(tmp_path / "seg11valid.txt")] if benchmark == "voc_segmentation" else []
     missing = "seg11valid.txt" if extra else str(voc.bad_files["missing_split"])
-    args = module.get_args_parser().parse_args(common(voc, tmp_path, "--iters", 1, *extra))
-    with pytest.raises(ValueError, match=missing):
-        module.main(args)
+    with pytest.raises(SystemExit) as exit_info:
+        module.cli(common(voc, tmp_path, "--iters", 1, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing in err and "Traceback" not in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "voc.csv").exists()
+
+
+def test_fc6_8_scope_comes_from_the_card():
+    resnet = create_model("resnet50_lab")
+    assert finetune_modules(resnet, "fc6-8") == [resnet.res5]
+    alexnet = create_model("alexnet_lab", geometry="transfer")
+    assert finetune_modules(alexnet, "fc6-8") == [alexnet.pool5, alexnet.fc6, alexnet.fc7]
+    assert finetune_modules(alexnet, "fc8") == [] and finetune_modules(alexnet, "all") == [alexnet]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +183,7 @@ def test_detection_end_to_end(voc, tmp_path):
 
 def test_detector_reuses_fc6_fc7_as_linear_box_head_and_identity_normalisation():
     encoder = load_encoder("random", encoder="alexnet_lab", geometry="transfer")
-    backbone, pool, head, _ = det_bench.detector_parts(encoder)
+    backbone, pool, head, _ = detection.detector_parts(encoder)
     assert backbone.out_channels == 256 and pool.output_size == (6, 6)
     assert head.stages[0] is encoder.fc6 and head.stages[1] is encoder.fc7
     with torch.no_grad():
@@ -202,11 +199,14 @@ def test_detector_reuses_fc6_fc7_as_linear_box_head_and_identity_normalisation()
         fc7 = torch.relu((fc6 @ conv7.weight.reshape(4096, -1).T + conv7.bias - bn7.running_mean)
                          / torch.sqrt(bn7.running_var + bn7.eps))
     torch.testing.assert_close(out, fc7, rtol=1e-4, atol=1e-4)
-    args = det_bench.get_args_parser().parse_args([])
-    model, _ = det_bench.build_detector(encoder, args, det_bench.BUILTIN_SIZES)
+    model, _ = detection.build_detector(
+        encoder, train_sizes=(192, 224), max_size=480, anchors=(32, 64), rpn_train_proposals=64,
+        rpn_test_proposals=32, score_thresh=0.0, detections_per_image=10, rois_per_image=16)
     assert model.transform.image_mean == [0.0] and model.transform.image_std == [1.0]
-    with pytest.raises(ValueError, match="supports"):
-        det_bench.detector_parts(create_model("colornet"))
+    with pytest.raises(ValueError, match="encoder colornet has no detection split"):
+        detection.detector_parts(create_model("colornet"))
+    resnet_backbone, resnet_pool, resnet_head, _ = detection.detector_parts(create_model("resnet50_lab"))
+    assert resnet_backbone.tap == "res4" and resnet_pool.output_size == (14, 14) and resnet_head.out_channels == 2048
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,11 +237,11 @@ def test_segmentation_end_to_end_with_sbd_eval_ids_and_colour_input(voc, tmp_pat
 def test_feature_geometry_by_hand():
     alexnet = create_model("alexnet_lab", geometry="transfer")
     # fc7 cell i is centred on input pixel 113 + 32 i (conv1 5, pool1 +4, pool2 +8, pool5 +16, fc6 +80)
-    assert seg_bench.feature_geometry(alexnet, "fc7") == ((113.0, 113.0), 32)
-    assert seg_bench.feature_geometry(alexnet, "conv5") == ((17.0, 17.0), 16)
+    assert segmentation.feature_geometry(alexnet, "fc7") == ((113.0, 113.0), 32)
+    assert segmentation.feature_geometry(alexnet, "conv5") == ((17.0, 17.0), 16)
     tv = create_model("alexnet_rgb_torchvision")  # conv1 pad 2: 3, pool1 +4, pool2 +8
-    assert seg_bench.feature_geometry(tv, "conv5") == ((15.0, 15.0), 16)
-    assert seg_bench.seg_tap(alexnet) == "fc7" and seg_bench.seg_tap(tv) == "conv5"
+    assert segmentation.feature_geometry(tv, "conv5") == ((15.0, 15.0), 16)
+    assert segmentation.seg_tap(alexnet) == "fc7" and segmentation.seg_tap(tv) == "conv5"
 
 
 class _CellIndex(nn.Module):
@@ -255,7 +255,7 @@ class _CellIndex(nn.Module):
 
 def test_fcn_upsampling_samples_each_pixel_at_its_receptive_field_centre():
     encoder = create_model("alexnet_lab", geometry="transfer").eval()
-    model = seg_bench.FCN32s(encoder, "fc7", pad=100, pad_values=(50.0,), dropout=0.0).eval()
+    model = segmentation.FCN32s(encoder, "fc7", pad=100, pad_values=(50.0,), dropout=0.0).eval()
     model.score = _CellIndex()
     width = 300
     with torch.no_grad():
@@ -266,42 +266,77 @@ def test_fcn_upsampling_samples_each_pixel_at_its_receptive_field_centre():
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear SVMs
+# The error convention: one stderr line naming the option and the value, exit 2, nothing created
 # ----------------------------------------------------------------------------------------------
 
-def test_svm_end_to_end_with_feature_cache(voc, tmp_path, monkeypatch):
-    argv = common(voc, tmp_path, "--taps", "conv1,conv5", "--costs", "0.1,10", "--batch-size", 8)
-    summary = svm_bench.main(svm_bench.get_args_parser().parse_args(argv))
-    rows = check_rows(tmp_path / "voc.csv", "voc_svm", "mAP", 2)
-    maps = rows[rows["metric"] == "mAP"]
-    assert list(maps["tap"]) == ["conv1", "conv5"]
-    dims = {tap: json.loads(h)["dims"] for tap, h in zip(maps["tap"], maps["hparams"])}
-    assert dims == {"conv1": 96 * 10 * 10, "conv5": 256 * 6 * 6}  # docs/protocols.md section 4 pooling
-    cached = sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npz"))
-    assert len(cached) == 4  # (trainval, test) x (conv1, conv5)
-    check_bad_inputs_reported(summary, voc, ("missing_annotation", "unknown_class", "corrupt_image"))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("features should have come from the cache")
-
-    monkeypatch.setattr(svm_bench, "extract_features", refuse)
-    again = svm_bench.main(svm_bench.get_args_parser().parse_args(argv))
-    assert again["metrics"]["conv5"]["mAP"] == pytest.approx(summary["metrics"]["conv5"]["mAP"])
+def refused(module, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        module.cli(list(map(str, argv)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
 
 
-def test_svm_cost_is_chosen_as_sklearn_cross_validation_would():
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.svm import LinearSVC
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+@pytest.mark.parametrize("option,value", [("--lr", -1), ("--iters", 0), ("--batch-size", 0), ("--ckpt-every", 0)])
+def test_bad_numbers_are_named(benchmark, option, value, voc, tmp_path, capsys):
+    err = refused(BENCHMARKS[benchmark], common(voc, tmp_path, option, value), capsys)
+    assert f"{option} {value}" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "voc.csv").exists()
 
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(45, 12))
-    y = np.where(x[:, 0] + 0.7 * rng.normal(size=45) > 0.4, 1, -1)
-    costs = [1e-4, 1e-2, 1.0, 100.0]
-    best, info = svm_bench.choose_cost(x, y, costs, folds=3, fallback=1.0, max_iter=5000, seed=0)
-    reference = {}
-    for c in costs:
-        svm = LinearSVC(C=c, class_weight={1: 2, -1: 1}, dual=True, max_iter=5000, random_state=0)
-        reference[c] = cross_val_score(svm, x, y, cv=StratifiedKFold(3), scoring="average_precision").mean()
-    for c in costs:
-        assert info["cv_ap"][c] == pytest.approx(reference[c], abs=1e-9)
-    assert best == max(costs, key=lambda c: (reference[c], -costs.index(c)))
+
+def test_paths_and_options_checked_before_any_work(voc, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "--crop 0" in refused(cls_bench, common(voc, tmp_path, "--crop", 0), capsys)
+    assert "--crop 0" in refused(seg_bench, common(voc, tmp_path, "--crop", 0), capsys)
+    assert f"--data {tmp_path / 'nope'}" in refused(cls_bench, ["--data", tmp_path / "nope"], capsys)
+    err = refused(det_bench, common(voc, tmp_path, "--checkpoint", tmp_path / "missing.pth"), capsys)
+    assert "--checkpoint" in err and "missing.pth" in err
+    (tmp_path / "a_file").write_text("")
+    err = refused(seg_bench, common(voc, tmp_path) + ["--out-csv", tmp_path / "a_file" / "voc.csv"], capsys)
+    assert "--out-csv" in err
+    assert "--eval-ids" in refused(seg_bench, common(voc, tmp_path, "--eval-ids", tmp_path / "no.txt"), capsys)
+    err = refused(det_bench, common(voc, tmp_path, "--encoder", "colornet"), capsys)
+    assert "encoder colornet has no detection split" in err
+    assert "--train-sizes" in refused(det_bench, common(voc, tmp_path, "--train-sizes", "64,x"), capsys)
+    assert "--tensorboard" in refused(cls_bench, common(voc, tmp_path, "--tensorboard"), capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    # a used run folder is refused without --resume / --overwrite
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    assert "--resume" in refused(cls_bench, common(voc, tmp_path), capsys)
+
+
+def test_outputs_default_to_the_working_directory(voc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cls_bench.cli(["--data", str(voc.root), "--workers", "0", "--finetune", "fc8", "--iters", "1", "--batch-size", "2",
+                   "--test-crops", "1", "--eval-batch-size", "6"])
+    runs = list((tmp_path / "runs" / "voc_classification").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoint.pth").is_file() and (runs[0] / "config.json").is_file()
+    assert [r["step"] for r in map(json.loads, (runs[0] / "log.jsonl").read_text().splitlines())] == [1]
+    assert len(read_rows(tmp_path / "results" / "voc.csv"))
+
+
+def test_tensorboard_gets_the_logged_scalars(voc, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:  # stands in for the optional tensorboard package
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    cls_bench.cli(common(voc, tmp_path, "--finetune", "fc8", "--iters", 2, "--batch-size", 2, "--test-crops", 1,
+                         "--eval-batch-size", 6, "--log-every", 1, "--tensorboard"))
+    assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard"))
+    assert [w for w in written if w[0] == "train/loss"] == [("train/loss", 1), ("train/loss", 2)]
+    assert ("train/lr", 2) in written and written[-1] == ("closed", None)

@@ -245,3 +245,44 @@ def test_builtin_voc_is_written_once_into_the_cache(monkeypatch, tmp_path):
     assert ensure_builtin_voc() == root  # second call: reused, not regenerated
     assert (root / "VOCdevkit" / "VOC2007" / "Annotations" / "000001.xml").stat().st_mtime_ns == stamp
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_segmentation_readers_live_in_their_module_and_stay_importable_from_voc():
+    from ssl_colorize.data import voc, voc_segmentation
+
+    assert voc.VOCSegmentation is voc_segmentation.VOCSegmentation
+    assert voc.load_sbd_split is voc_segmentation.load_sbd_split
+    with pytest.raises(AttributeError):
+        voc.not_a_name  # noqa: B018
+
+
+def test_detection_images_mirror_their_boxes(fixture):
+    from ssl_colorize.data.voc import DetectionImages
+
+    records, _ = load_main_split(fixture.root, 2007, "trainval")
+    dataset = DetectionImages(records, train=True)
+    index = next(i for i, r in enumerate(records) if not r.difficult.all())
+    keep = ~records[index].difficult
+    plain = torch.from_numpy(boxes_to_continuous(records[index].boxes[keep])).float()
+    flips = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image, target, got_index = dataset[index]
+        assert got_index == index and torch.equal(target["labels"], torch.from_numpy(records[index].labels[keep] + 1))
+        if torch.equal(target["boxes"], plain):
+            continue
+        flips += 1
+        width = image.shape[-1]
+        torch.testing.assert_close(target["boxes"][:, [2, 0]], width - plain[:, [0, 2]])
+    assert 0 < flips < 8
+
+
+def test_collates_keep_the_skipped_items_apart():
+    from ssl_colorize.data.voc import ListBatch, StackBatch
+
+    good = (torch.zeros(3, 4, 4, dtype=torch.uint8), 0)
+    skipped = SkippedItem("x.jpg", "undecodable")
+    images, indices, dropped = StackBatch(2)([good, skipped, (torch.ones(3, 4, 4, dtype=torch.uint8), 5)])
+    assert images.shape == (2, 3, 4, 4) and indices.tolist() == [0, 5] and dropped == [skipped]
+    assert StackBatch(3)([skipped]) == (None, None, None, [skipped])
+    assert ListBatch(3)([skipped]) == ([], [], [], [skipped])

@@ -1,8 +1,10 @@
 """Image files on disk as a dataset: an ImageFolder root (ImageNet's train/, Places205) or a list file.
 
 Decoding is torchvision's (libjpeg-turbo / libpng) straight to a uint8 CHW tensor. A file that cannot be
-decoded is skipped, never fatal: the dataset yields ``None`` for it, :func:`collate_skipping` drops it
-and counts it, and the trainer reports the count and the names (issue 3, "Bad input").
+decoded is skipped, never fatal: the dataset yields a :class:`SkippedFile` for it, :func:`collate_skipping`
+drops it and counts it, and the trainer reports the count and the names (issue 3, "Bad input"). Only
+data where nothing is readable stops the trainer, with one line naming it and a few of its files
+(``ssl_colorize.training.pretext``, issue 16).
 """
 
 from __future__ import annotations

@@ -35,11 +35,10 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -319,147 +318,6 @@ def boxes_to_inclusive(boxes: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Segmentation masks
-# ----------------------------------------------------------------------------------------------
-
-def check_mask(mask: np.ndarray, path: str | os.PathLike, num_classes: int = NUM_SEG_CLASSES) -> np.ndarray:
-    """The mask as uint8 if every value is 0..num_classes-1 or 255; VOCDataError naming the file otherwise."""
-    values = np.unique(mask)
-    bad = values[(values >= num_classes) & (values != IGNORE_LABEL)]
-    if bad.size or values.min(initial=0) < 0:
-        raise VOCDataError(
-            f"{path}: mask values {sorted(set(bad.tolist()) | set(values[values < 0].tolist()))} are outside the "
-            f"palette (0..{num_classes - 1} and {IGNORE_LABEL})"
-        )
-    return mask.astype(np.uint8)
-
-
-def read_png_mask(path: str | os.PathLike) -> np.ndarray:
-    """A SegmentationClass PNG -> (H, W) uint8 indices.
-
-    Palette ("P") and greyscale index PNGs are read as indices; an RGB rendering is mapped back through
-    the VOC colour map (a colour not in it is an error naming the file).
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if image.mode in ("P", "L"):
-                mask = np.asarray(image)
-            else:
-                rgb = np.asarray(image.convert("RGB")).astype(np.int64)
-                palette = np.asarray(voc_palette(), dtype=np.int64).reshape(256, 3)
-                keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
-                lookup = {int(k): i for i, k in reversed(list(enumerate(keys)))}
-                flat = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-                uniq, inverse = np.unique(flat, return_inverse=True)
-                unknown = [hex(int(u)) for u in uniq if int(u) not in lookup]
-                if unknown:
-                    raise VOCDataError(f"{path}: colours {unknown[:5]} are not in the VOC palette")
-                mask = np.array([lookup[int(u)] for u in uniq], dtype=np.int64)[inverse].reshape(flat.shape)
-    except (OSError, SyntaxError) as exc:
-        raise VOCDataError(f"{path}: unreadable mask ({exc})") from exc
-    return check_mask(mask, path)
-
-
-def read_sbd_mask(path: str | os.PathLike) -> np.ndarray:
-    """An SBD ``cls/<id>.mat`` -> (H, W) uint8 indices from ``GTcls.Segmentation``."""
-    from scipy.io import loadmat
-
-    path = Path(path)
-    try:
-        mat = loadmat(path, squeeze_me=True, struct_as_record=False)
-        mask = np.asarray(mat["GTcls"].Segmentation)
-    except (OSError, KeyError, AttributeError, ValueError, TypeError) as exc:
-        raise VOCDataError(f"{path}: not an SBD class mask (GTcls.Segmentation): {exc}") from exc
-    if mask.ndim != 2:
-        raise VOCDataError(f"{path}: GTcls.Segmentation has shape {mask.shape}, expected (H, W)")
-    return check_mask(mask.astype(np.int64), path)
-
-
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A VOC PNG or an SBD .mat mask -> (H, W) uint8 in 0..20 and 255."""
-    return read_sbd_mask(path) if str(path).endswith(".mat") else read_png_mask(path)
-
-
-@dataclass
-class SegmentationRecord:
-    image_id: str
-    image_path: Path
-    mask_path: Path  # a palette PNG (VOC) or a .mat (SBD)
-
-
-def _validate_segmentation(
-    candidates: Iterable[SegmentationRecord], report: DataReport, validate_masks: bool, desc: str
-) -> list[SegmentationRecord]:
-    records = []
-    for rec in tqdm(list(candidates), desc=desc, unit="mask", leave=False, mininterval=2):
-        if not rec.image_path.is_file():
-            report.add("missing image", rec.image_path)
-            continue
-        if not rec.mask_path.is_file():
-            report.add("missing mask", rec.mask_path)
-            continue
-        if validate_masks:
-            try:
-                read_mask(rec.mask_path)
-            except VOCDataError as exc:
-                report.add("mask outside the palette" if "outside the palette" in str(exc) else "bad mask", exc)
-                continue
-        records.append(rec)
-    return records
-
-
-def load_segmentation_split(
-    data: str | os.PathLike,
-    year: int = 2012,
-    split: str = "train",
-    ids_file: str | os.PathLike | None = None,
-    report: DataReport | None = None,
-    validate_masks: bool = True,
-) -> tuple[list[SegmentationRecord], DataReport]:
-    """Records of ``VOC<year>/ImageSets/Segmentation/<split>.txt`` (or of an id list such as seg11valid),
-    each image with its SegmentationClass PNG; masks are checked against the palette up-front."""
-    folder = year_dir(data, year)
-    path = Path(ids_file) if ids_file else split_file(folder, "Segmentation", split)
-    ids = read_ids(path)
-    report = report or DataReport(f"VOC{year} segmentation {path.stem}")
-    candidates = (
-        SegmentationRecord(i, folder / "JPEGImages" / f"{i}.jpg", folder / "SegmentationClass" / f"{i}.png") for i in ids
-    )
-    records = _validate_segmentation(candidates, report, validate_masks, f"masks VOC{year} {path.stem}")
-    if not records:
-        raise ValueError(f"{path}: no usable image ({report.summary()})")
-    return records, report
-
-
-def find_sbd(path: str | os.PathLike) -> Path:
-    """SBD's ``dataset`` folder from ``path`` (it, ``benchmark_RELEASE`` or the folder holding that)."""
-    path = Path(path).expanduser()
-    for candidate in (path, path / "dataset", path / "benchmark_RELEASE" / "dataset"):
-        if (candidate / "cls").is_dir() and (candidate / "img").is_dir():
-            return candidate
-    raise ValueError(f"--sbd {path}: no SBD dataset folder (benchmark_RELEASE/dataset with img/ and cls/) found")
-
-
-def load_sbd_split(
-    path: str | os.PathLike,
-    splits: Sequence[str] = ("train", "val"),
-    report: DataReport | None = None,
-    validate_masks: bool = True,
-) -> tuple[list[SegmentationRecord], DataReport]:
-    """SBD records of the given split files (``train.txt``, ``val.txt``) with their ``cls/*.mat`` masks."""
-    folder = find_sbd(path)
-    report = report or DataReport("SBD " + "+".join(splits))
-    ids: list[str] = []
-    for split in splits:
-        ids += read_ids(folder / f"{split}.txt")
-    ids = list(dict.fromkeys(ids))
-    candidates = (SegmentationRecord(i, folder / "img" / f"{i}.jpg", folder / "cls" / f"{i}.mat") for i in ids)
-    records = _validate_segmentation(candidates, report, validate_masks, "masks SBD")
-    return records, report
-
-
-# ----------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------
 
@@ -493,37 +351,92 @@ class VOCImages(Dataset):
         return image, index
 
 
-class VOCSegmentation(Dataset):
-    """``(image uint8 (3, H, W), mask uint8 (H, W), index)`` after ``transform(image, mask)``, or a
-    :class:`SkippedItem`."""
-
-    def __init__(self, records: Sequence[SegmentationRecord], transform: Callable | None = None):
-        self.records = list(records)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int):
-        rec = self.records[index]
-        try:
-            image = read_image(rec.image_path)
-        except (RuntimeError, ValueError, OSError) as exc:
-            return SkippedItem(str(rec.image_path), f"undecodable image ({exc})")
-        try:
-            mask = torch.from_numpy(read_mask(rec.mask_path))
-        except VOCDataError as exc:
-            return SkippedItem(str(rec.mask_path), str(exc))
-        if tuple(mask.shape) != tuple(image.shape[-2:]):
-            return SkippedItem(
-                str(rec.mask_path), f"mask {tuple(mask.shape)} and image {tuple(image.shape[-2:])} differ in size"
-            )
-        if self.transform is not None:
-            image, mask = self.transform(image, mask)
-        return image, mask, index
-
-
 def split_skipped(items: list) -> tuple[list, list[SkippedItem]]:
     """Separate a batch's good items from its :class:`SkippedItem` entries (for collate functions)."""
     good = [item for item in items if not isinstance(item, SkippedItem)]
     return good, [item for item in items if isinstance(item, SkippedItem)]
+
+
+class StackBatch:
+    """Collate: each of the ``fields`` of the decodable items stacked (None when none decoded), then the
+    skipped items (for the run's count): ``(*fields, skipped)``."""
+
+    def __init__(self, fields: int):
+        self.fields = fields
+
+    def __call__(self, items: list) -> tuple:
+        good, skipped = split_skipped(items)
+        if not good:
+            return (*([None] * self.fields), skipped)
+        columns = [torch.stack(column) if isinstance(column[0], torch.Tensor) else torch.tensor(column)
+                   for column in zip(*good)]
+        return (*columns, skipped)
+
+
+class ListBatch:
+    """Collate: each of the ``fields`` of the decodable items as a list (images of different sizes), then
+    the skipped items: ``(*fields, skipped)``."""
+
+    def __init__(self, fields: int):
+        self.fields = fields
+
+    def __call__(self, items: list) -> tuple:
+        good, skipped = split_skipped(items)
+        columns = [list(column) for column in zip(*good)] if good else [[] for _ in range(self.fields)]
+        return (*columns, skipped)
+
+
+class VOCIndexedImages(VOCImages):
+    """VOCImages whose transform also gets the image's index: ``transform(image, index)`` (test crops
+    seeded per image, reproducible whatever the worker count)."""
+
+    def __getitem__(self, index: int):
+        transform, self.transform = self.transform, None
+        try:
+            item = super().__getitem__(index)
+        finally:
+            self.transform = transform
+        if isinstance(item, tuple) and transform is not None:
+            return transform(item[0], index), index
+        return item
+
+
+class DetectionImages(VOCImages):
+    """``(image uint8 (3, H, W), {"boxes", "labels"}, index)`` for a detector: continuous boxes,
+    labels 1..20 (0 is the background). In training (``train=True``) objects marked difficult are left
+    out (as Fast R-CNN) and the image is mirrored with probability 1/2, its boxes with it."""
+
+    def __init__(self, records: Sequence[DetectionRecord], train: bool):
+        super().__init__(records)
+        self.train = train
+
+    def __getitem__(self, index: int):
+        item = super().__getitem__(index)
+        if not isinstance(item, tuple):
+            return item
+        image, _ = item
+        rec = self.records[index]
+        keep = ~rec.difficult if self.train else np.ones(len(rec.labels), dtype=bool)
+        boxes = torch.from_numpy(boxes_to_continuous(rec.boxes[keep])).float().reshape(-1, 4)
+        labels = torch.from_numpy(rec.labels[keep] + 1).long()
+        if self.train and bool(torch.rand(1) < 0.5):
+            image = image.flip(-1)
+            width = image.shape[-1]
+            boxes = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
+        return image, {"boxes": boxes, "labels": labels}, index
+
+
+#: Names that live in ssl_colorize.data.voc_segmentation, importable from here as before.
+_SEGMENTATION_NAMES = (
+    "check_mask", "read_png_mask", "read_sbd_mask", "read_mask", "SegmentationRecord", "load_segmentation_split",
+    "find_sbd", "load_sbd_split", "VOCSegmentation", "PairedCropFlip",
+)
+
+
+def __getattr__(name: str):
+    # Imported lazily: voc_segmentation imports this module, so an import at the top would be circular.
+    if name in _SEGMENTATION_NAMES:
+        from ssl_colorize.data import voc_segmentation
+
+        return getattr(voc_segmentation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -222,3 +222,25 @@ def usage_error_from(exc: Exception) -> UsageError:
 def exit_usage(prog: str, message: str) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
+
+
+def check_device(option: str, value: str | None) -> None:
+    """A torch device name this machine has ("auto" and None pass: they pick what there is)."""
+    if value is None or value == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise fail(option, value, "not a device name (cpu, cuda, cuda:1 ...)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise fail(option, value, "CUDA is not available on this machine")
+
+
+def check_tensorboard(option: str = "--tensorboard") -> None:
+    """TensorBoard logging is an optional dependency: say how to get it instead of failing later."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError(f"{option}: needs the tensorboard package (pip install tensorboard)")

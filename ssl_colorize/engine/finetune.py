@@ -1,88 +1,89 @@
-"""What the four PASCAL VOC benchmarks share: options, encoder loading, inputs, fine-tuning scopes, runs.
+"""The fine-tuning engine of the VOC benchmarks: scopes, BatchNorm modes, the frozen-part guard, the SGD
+update, schedules, a resumable data stream and the training loop with its rolling checkpoint.
 
-The benchmark scripts (``benchmarks/voc_classification.py``, ``voc_detection.py``,
-``voc_segmentation.py``, ``voc_svm.py``) stay short recipes over this module and
-ssl_colorize.data.voc / ssl_colorize.voc_metrics:
+The recipes (``ssl_colorize.benchmarks.voc_classification``, ``voc_detection``, ``voc_segmentation``)
+build a model and a loss and hand them to :func:`finetune`, which owns the run contract
+(ssl_colorize.engine.run): ``log.jsonl``, a rolling atomic ``checkpoint.pth`` every ``--ckpt-every``
+iterations (model, optimizer, schedule, iteration, random state; the data position is the iteration)
+and an exact ``--resume``: a run killed at any moment and resumed ends with the weights an
+uninterrupted run ends with.
 
-* :func:`add_common_args`: ``--data --checkpoint --encoder --iters --out-csv --out --run-id --seed
-  --device --input --workers``, the same in all four;
-* :func:`load_transfer_encoder`: the checkpoint (or ``random``) as an encoder in the transfer
-  geometry (alexnet_lab: CaffeNet geometry, docs/protocols.md section 3);
-* :func:`resolve_input` / :func:`to_model_input`: "inputs follow the encoder" -- L for L encoders, RGB
-  for RGB encoders, or grey-replicated RGB (the L channel shown as neutral grey) for RGB encoders;
-* fine-tuning scopes (:func:`finetune_modules`), BatchNorm handling and the check that the parts
-  that were not fine-tuned did not change (:class:`UntouchedGuard`);
-* :class:`TransferRun`: the run folder, its log, the data reports and the result rows.
+Fine-tuning scopes come from the encoder's card (``card_of(encoder).transfer.scopes``): ``fc8`` trains
+only the new head, ``fc6-8`` also the stages the card names (AlexNet: pool5, fc6, fc7; ResNet-50: res5),
+``all`` everything.
 
 BatchNorm in fine-tuning: the released AlexNet is transferred with BatchNorm folded into the
 convolutions (docs/protocols.md section 3), i.e. as a fixed per-channel affine map. ``--bn frozen`` (the
 default) reproduces that: every BatchNorm stays in eval mode, with its statistics fixed, while the
 weights around it train. ``--bn train`` lets the BatchNorms of the fine-tuned layers use batch
 statistics (and update their running averages) instead.
+
+Encoder loading, inputs and :class:`TransferRun` live in ssl_colorize.engine.transfer_run; they are
+importable from here as well.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import logging
 import math
-import os
-import random
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
-from ssl_colorize.checkpoint import load_encoder
-from ssl_colorize.data.voc import DataReport
-from ssl_colorize.models.base import IMAGENET_MEAN, L_CENTER
-from ssl_colorize.heads.probe import FrozenEncoderGuard, encoder_input
-from ssl_colorize.results import REPO_ROOT, append_rows, make_row
+from ssl_colorize.engine.cli import UsageError
+from ssl_colorize.engine.run import rng_state, set_rng_state
+from ssl_colorize.engine.transfer_run import (  # noqa: F401  (re-exported: the VOC recipes import them from here)
+    DEFAULT_ENCODER,
+    DEFAULT_OUT_CSV,
+    INPUT_CHOICES,
+    PAD_RGB,
+    TransferRun,
+    add_common_args,
+    checkpoint_ref,
+    dataset_name,
+    default_crop,
+    load_transfer_encoder,
+    pad_value,
+    resolve_data,
+    resolve_device,
+    resolve_input,
+    seed_everything,
+    to_model_input,
+    validate_common,
+    validate_training,
+)
+from ssl_colorize.heads.probe import FrozenEncoderGuard
+from ssl_colorize.models.cards import card_of
 
 LOG = logging.getLogger("ssl_colorize.voc")
 
-INPUT_CHOICES = ("auto", "L", "rgb", "grey-rgb")
 FINETUNE_SETTINGS = ("fc8", "fc6-8", "all")
 BN_MODES = ("frozen", "train")
-DEFAULT_OUT_CSV = REPO_ROOT / "results" / "voc.csv"
-#: Encoder input crop: CaffeNet's 227 for AlexNet-style encoders, 224 otherwise.
-ALEXNET_CROP, DEFAULT_CROP = 227, 224
+#: Rolling checkpoint period: at most 1000 iterations (< 1% of the 150k-iteration detection run) are
+#: redone after a kill.
+DEFAULT_CKPT_EVERY = 1000
+DEFAULT_LOG_EVERY = 20
 
 
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
-
-def add_common_args(parser: argparse.ArgumentParser, iters_help: str) -> argparse.ArgumentParser:
-    """The options every VOC benchmark takes (issue 5)."""
-    g = parser.add_argument_group("common VOC options")
-    g.add_argument("--data", default=None,
-                   help="folder holding VOCdevkit, or VOCdevkit itself (default: the built-in procedural VOCdevkit)")
-    g.add_argument("--checkpoint", default="random",
-                   help="pretraining checkpoint (file or run folder), or 'random' for a seeded random init "
-                        "(default: random, with --encoder)")
-    g.add_argument("--encoder", default=None,
-                   help="encoder name; required with --checkpoint random (default then: alexnet_lab), "
-                        "checked against the checkpoint otherwise")
-    g.add_argument("--iters", type=int, default=None, help=iters_help)
-    g.add_argument("--out-csv", default=str(DEFAULT_OUT_CSV),
-                   help="results table to append rows to (default results/voc.csv)")
-    g.add_argument("--out", default=None, help="run folder for log, summary, caches (default runs/<benchmark>/<run id>)")
-    g.add_argument("--run-id", default=None, help="run id of the result rows (default: benchmark + timestamp)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random init, data order and augmentation")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when present, else cpu)")
-    g.add_argument("--input", choices=INPUT_CHOICES, default="auto",
-                   help="encoder input: auto follows the encoder (L for L encoders, RGB for RGB encoders); "
-                        "grey-rgb feeds an RGB encoder the L channel as neutral grey RGB")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader worker processes")
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--ckpt-every, --log-every, --tensorboard: the options of every fine-tuning recipe."""
+    g = parser.add_argument_group("training log and checkpoint")
+    g.add_argument("--ckpt-every", type=int, default=DEFAULT_CKPT_EVERY,
+                   help="write the rolling checkpoint every N iterations (and at the end)")
+    g.add_argument("--log-every", type=int, default=DEFAULT_LOG_EVERY, help="a log.jsonl record every N iterations")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged scalars for TensorBoard (run folder/tensorboard; needs tensorboard)")
     return parser
 
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
 
 def schedule_length(iters: int | None, protocol_iters: int, builtin: bool, builtin_iters: int) -> int:
     """The run's iterations: ``--iters`` if given, else the protocol's, or a short default on built-in data."""
@@ -101,94 +102,14 @@ def step_lr(optimizer: torch.optim.Optimizer, total: int, protocol_total: int, p
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: gamma ** (it // step))
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_data(data: str | None) -> tuple[Path, bool]:
-    """(the folder holding VOCdevkit, whether it is the built-in data)."""
-    if data is None:
-        from ssl_colorize.data.builtin_voc import ensure_builtin_voc
-
-        return ensure_builtin_voc(), True
-    return Path(data).expanduser(), False
-
-
-def dataset_name(builtin: bool, name: str) -> str:
-    """Result rows name the built-in data apart from the real one (e.g. builtin_voc2007 / voc2007)."""
-    return f"builtin_{name}" if builtin else name
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder and inputs
-# ----------------------------------------------------------------------------------------------
-
-def load_transfer_encoder(checkpoint: str, encoder: str | None, seed: int) -> tuple[nn.Module, str]:
-    """The encoder of ``checkpoint`` (or a seeded random ``encoder``) in its transfer geometry.
-
-    Returns (model in eval mode on the CPU, encoder name). alexnet_lab is switched to CaffeNet's
-    geometry (227 input, 6x6 pool5, undilated fc6; docs/protocols.md section 3), the same weights.
-    """
-    if str(checkpoint) == "random" and encoder is None:
-        encoder = "alexnet_lab"
-    model = load_encoder(checkpoint, encoder=encoder, seed=seed)
-    if hasattr(model, "set_geometry"):
-        model.set_geometry("transfer")
-    return model, model.model_spec["name"]
-
-
-def is_alexnet_style(encoder: nn.Module) -> bool:
-    """AlexNet-like: taps conv5, fc6, fc7 (fc6 reads a 6x6 pool5)."""
-    return all(t in encoder.taps for t in ("conv5", "fc6", "fc7"))
-
-
-def default_crop(encoder: nn.Module) -> int:
-    return ALEXNET_CROP if is_alexnet_style(encoder) else DEFAULT_CROP
-
-
-def resolve_input(encoder: nn.Module, choice: str) -> str:
-    """The input mode for ``encoder``: "L", "rgb" or "grey" (probe.encoder_input's names).
-
-    ValueError for an impossible pairing: an L encoder takes only L, an RGB encoder RGB or grey RGB.
-    """
-    if choice not in INPUT_CHOICES:
-        raise ValueError(f"--input must be one of {INPUT_CHOICES}, got {choice!r}")
-    space = encoder.input_space
-    if space == "L":
-        if choice not in ("auto", "L"):
-            raise ValueError(f"--input {choice}: {type(encoder).__name__} takes the L channel (--input auto or L)")
-        return "L"
-    if choice == "L":
-        raise ValueError(f"--input L: {type(encoder).__name__} takes RGB (--input auto, rgb or grey-rgb)")
-    return "grey" if choice == "grey-rgb" else "rgb"
-
-
-def to_model_input(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """uint8 (N, 3, H, W) RGB on any device -> the encoder's input (batched, on that device)."""
-    return encoder_input(images, mode)
-
-
-def pad_value(mode: str) -> tuple[float, ...]:
-    """The per-channel value, in model-input units, that the encoder normalises to zero: the padding
-    that corresponds to Caffe's zero padding after mean subtraction."""
-    if mode == "L":
-        return (L_CENTER,)
-    return tuple(IMAGENET_MEAN)
-
-
-#: RGB uint8 padding for crops taken before the conversion: ImageNet's mean colour (L close to 50).
-PAD_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+def bias_lr_groups(params: list[nn.Parameter], named: dict[int, str], lr: float, wd: float) -> list[dict]:
+    """Caffe's convention in the released fine-tuning code: biases at twice the learning rate."""
+    weights = [p for p in params if not named[id(p)].endswith("bias")]
+    biases = [p for p in params if named[id(p)].endswith("bias")]
+    groups = [{"params": weights, "lr": lr, "weight_decay": wd}]
+    if biases:
+        groups.append({"params": biases, "lr": 2 * lr, "weight_decay": wd})
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,36 +121,24 @@ def stage_modules(encoder: nn.Module) -> dict[str, nn.Module]:
 
 
 def feature_tap(encoder: nn.Module) -> str:
-    """The tap a new classifier reads: fc7 for AlexNet-style encoders, else the deepest probe tap
-    (res5 for ResNet-50, conv5 for the colorization net)."""
-    return "fc7" if is_alexnet_style(encoder) else encoder.probe_taps[-1]
+    """The tap a new classifier reads (the card's: fc7 for AlexNets, res5 for ResNet-50, conv5 for colornet)."""
+    return card_of(encoder).transfer.feature_tap
 
 
 def upper_stages(encoder: nn.Module) -> list[str]:
-    """The stages "fc6-8" fine-tunes besides the new classifier.
-
-    AlexNet-style: the stages after conv5 up to fc7 (pool5, fc6, fc7). Otherwise the analogue, the
-    last block before the classifier: the stages after the second-deepest probe tap up to the deepest
-    (res5 for ResNet-50, conv5 for the colorization net).
-    """
-    names = list(encoder.stage_names)
-    if is_alexnet_style(encoder):
-        start, stop = names.index("conv5") + 1, names.index("fc7") + 1
-    else:
-        start, stop = names.index(encoder.probe_taps[-2]) + 1, names.index(encoder.probe_taps[-1]) + 1
-    return names[start:stop]
+    """The stages "fc6-8" fine-tunes besides the new classifier (the card's ``scopes["fc6-8"]``)."""
+    return list(card_of(encoder).transfer.scopes["fc6-8"] or encoder.stage_names)
 
 
 def finetune_modules(encoder: nn.Module, setting: str) -> list[nn.Module]:
     """The encoder modules that ``--finetune setting`` trains (the new head is not part of it)."""
     if setting not in FINETUNE_SETTINGS:
         raise ValueError(f"--finetune must be one of {FINETUNE_SETTINGS}, got {setting!r}")
-    if setting == "fc8":
-        return []
-    if setting == "fc6-8":
-        stages = stage_modules(encoder)
-        return [stages[name] for name in upper_stages(encoder)]
-    return [encoder]
+    stages = card_of(encoder).transfer.scopes.get(setting, None if setting == "all" else ())
+    if stages is None:
+        return [encoder]
+    modules = stage_modules(encoder)
+    return [modules[name] for name in stages]
 
 
 def trained_tensor_names(encoder: nn.Module, modules: Sequence[nn.Module]) -> set[str]:
@@ -296,101 +205,138 @@ def sgd_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Data loading helpers
+# A data stream that can restart at any batch
 # ----------------------------------------------------------------------------------------------
 
-def cycle(loader: Iterable) -> Iterator:
-    """Iterate a DataLoader forever, epoch after epoch (the schedule counts iterations)."""
-    while True:
-        produced = False
-        for batch in loader:
-            produced = True
-            yield batch
-        if not produced:
-            raise ValueError("the training data loader produced no batch (every image skipped?)")
+def draw_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one sample's augmentation: a function of (run seed, epoch, place in the epoch)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + position) % (2**63 - 1)
+
+
+class EpochBatches(Sampler):
+    """Batches of ``(index, augmentation seed)`` keys forever, epoch after epoch, from batch ``start`` on.
+
+    Each epoch is a permutation seeded by (seed, epoch) and each sample's augmentation is seeded by
+    (seed, epoch, position), so batch ``k`` is the same whether the stream starts at 0 or at ``k``
+    and whatever the worker count: the data position of a checkpoint is its iteration.
+    """
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, start: int = 0):
+        if n < 1:
+            raise ValueError("the training data is empty")
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.per_epoch = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            for batch in range(offset, self.per_epoch):
+                first = batch * self.batch_size
+                chosen = order[first: first + self.batch_size].tolist()
+                yield [(index, draw_seed(self.seed, epoch, first + j)) for j, index in enumerate(chosen)]
+            epoch, offset = epoch + 1, 0
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` with the global torch generator seeded by the key's seed while the item is
+    made (the transforms draw from it), then restored: augmentation independent of worker and order."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def batch_stream(dataset: Dataset, batch_size: int, *, seed: int, start: int, workers: int, collate: Callable,
+                 drop_last: bool = True, pin_memory: bool = False) -> Iterator:
+    """Training batches from batch ``start`` on (see :class:`EpochBatches`), forever."""
+    sampler = EpochBatches(len(dataset), batch_size, drop_last, seed, start)
+    # Its own generator: creating the iterator draws no number from the global one (exact resume).
+    loader = DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs: folder, log, reports, rows
+# The training loop
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class TransferRun:
-    """One benchmark run: its id, folder, log file, data reports and result rows."""
+def finetune(run: TransferRun, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, iters: int,
+             batches: Callable[[int], Iterator], step: Callable[[Any], torch.Tensor | None], args: argparse.Namespace,
+             desc: str) -> list[float]:
+    """Train ``iters`` iterations (from the checkpoint's on ``--resume``); return the recent losses.
 
-    benchmark: str
-    args: argparse.Namespace
-    encoder_name: str
-    checkpoint: str
-    run_id: str = ""
-    out: Path = field(default_factory=Path)
-    reports: list[DataReport] = field(default_factory=list)
-    runtime_skipped: dict[str, str] = field(default_factory=dict)
-    rows: list = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.run_id = self.args.run_id or f"{self.benchmark}-{stamp}-{os.getpid()}"
-        self.out = Path(self.args.out) if self.args.out else REPO_ROOT / "runs" / self.benchmark / self.run_id
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._handler = logging.FileHandler(self.out / "log.txt")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger("ssl_colorize")
-        root.addHandler(self._handler)
-        if root.level == logging.NOTSET or root.level > logging.INFO:
-            root.setLevel(logging.INFO)
-        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                   for h in root.handlers):
-            stream = logging.StreamHandler(sys.stderr)
-            stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-            root.addHandler(stream)
-        LOG.info("%s run %s -> %s", self.benchmark, self.run_id, self.out)
-
-    def add_report(self, report: DataReport) -> None:
-        """Record a loader's report; warn (and log) if it skipped anything."""
-        self.reports.append(report)
-        report.warn()
-
-    def skipped_at_runtime(self, items: Iterable) -> None:
-        """Count the SkippedItem entries a collate function separated out (decode errors)."""
-        for item in items:
-            if item.path not in self.runtime_skipped:
-                self.runtime_skipped[item.path] = item.reason
-                LOG.warning("skipped %s: %s", item.path, item.reason)
-
-    def row(self, *, tap: str, dataset: str, split: str, protocol: str, metric: str, value: float,
-            hparams: dict) -> None:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return  # a class without positives has no AP: no row rather than a NaN row
-        self.rows.append(make_row(
-            run_id=self.run_id, benchmark=self.benchmark, checkpoint=self.checkpoint, encoder=self.encoder_name,
-            tap=tap, dataset=dataset, split=split, protocol=protocol, metric=metric, value=float(value),
-            seed=self.args.seed, hparams=hparams,
-        ))
-
-    def finish(self, metrics: dict) -> dict:
-        """Write the rows (``--out-csv`` and the run folder) and ``summary.json``; return the summary."""
-        if self.rows:
-            append_rows(self.args.out_csv, self.rows)
-            append_rows(self.out / "results.csv", self.rows)
-        skipped_total = sum(r.total for r in self.reports) + len(self.runtime_skipped)
-        summary = {
-            "benchmark": self.benchmark, "run_id": self.run_id, "checkpoint": self.checkpoint,
-            "encoder": self.encoder_name, "metrics": metrics, "rows": len(self.rows),
-            "data_reports": [r.as_dict() for r in self.reports],
-            "skipped_at_runtime": self.runtime_skipped, "skipped_total": skipped_total,
-            "args": {k: v for k, v in vars(self.args).items()}, **self.extra,
-        }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if self.runtime_skipped:
-            LOG.warning("%d file(s) skipped while reading: %s", len(self.runtime_skipped),
-                        ", ".join(list(self.runtime_skipped)[:5]))
-        LOG.info("%d rows -> %s; summary: %s", len(self.rows), self.args.out_csv, self.out / "summary.json")
-        logging.getLogger("ssl_colorize").removeHandler(self._handler)
-        self._handler.close()
-        return summary
+    ``batches(start)``: the data stream from batch ``start``; ``step(batch)``: the loss of one batch
+    (None to skip it: no update, the iteration still counts). Writes ``log.jsonl`` every
+    ``--log-every`` iterations and the rolling checkpoint every ``--ckpt-every`` and at the end.
+    """
+    folder = run.folder
+    state = folder.load_checkpoint()
+    start, losses = 0, []
+    if state is not None:
+        problem = resume_problem(state, iters, args)
+        if problem:
+            run.close()
+            raise UsageError(f"--resume: {folder.path}: {problem}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start, losses = state["step"], list(state["losses"])
+        run.runtime_skipped.update(state["skipped"])
+        LOG.info("resumed %s at iteration %d of %d", folder.path, start, iters)
+    writer = tensorboard_writer(run) if args.tensorboard else None
+    stream = batches(start)
+    progress = tqdm(range(start, iters), desc=desc, unit="it", mininterval=2, initial=start, total=iters)
+    for iteration in progress:
+        loss = step(next(stream))
+        if loss is not None:
+            sgd_update(loss, optimizer, scheduler, args.clip_grad)
+            losses = (losses + [loss.item()])[-100:]
+        done = iteration + 1
+        if done % args.log_every == 0 or done == iters:
+            recent = losses[-args.log_every:]
+            record = {"step": done, "loss": sum(recent) / len(recent) if recent else None,
+                      "lr": scheduler.get_last_lr()[0]}
+            folder.log(record)
+            progress.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", lr=f"{record['lr']:.1e}")
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "step" and value is not None:
+                        writer.add_scalar(f"train/{key}", value, done)
+        if done % args.ckpt_every == 0 or done == iters:
+            folder.save_checkpoint({
+                "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "losses": losses,
+                # the data position: the stream restarts at batch `batches_drawn` (EpochBatches)
+                "data_state": {"batches_drawn": done, "seed": args.seed, "batch_size": args.batch_size},
+                "skipped": dict(run.runtime_skipped), "benchmark": run.benchmark, "encoder": run.encoder_name,
+            })
+    if writer is not None:
+        writer.close()
+    return losses
 
 
-def checkpoint_label(checkpoint: str) -> str:
-    return "random" if str(checkpoint) == "random" else str(Path(checkpoint))
+def resume_problem(state: dict, iters: int, args: argparse.Namespace) -> str | None:
+    """Why the checkpoint cannot be continued with these options (None: it can)."""
+    if state["step"] > iters:
+        return f"its checkpoint is at iteration {state['step']}, past --iters {iters}"
+    for option, value in state["data_state"].items():  # the data stream must be the one that was cut
+        if option != "batches_drawn" and getattr(args, option) != value:
+            return f"the run used --{option.replace('_', '-')} {value}, not {getattr(args, option)}"
+    return None
+
+
+def tensorboard_writer(run: TransferRun):
+    from torch.utils.tensorboard import SummaryWriter  # optional dependency, checked by validate_training
+
+    return SummaryWriter(str(run.out / "tensorboard"))
+

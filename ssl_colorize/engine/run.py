@@ -46,7 +46,7 @@ CHECKPOINT_NAME = "checkpoint.pth"
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 #: What makes a folder "used": any of these written by an earlier run.
-RUN_MARKERS = (CHECKPOINT_NAME, LOG_NAME, CONFIG_NAME, "results.csv", "summary.json")
+RUN_MARKERS = (CHECKPOINT_NAME, LOG_NAME, CONFIG_NAME, "results.csv", "results.csv.d", "summary.json")
 #: What --overwrite removes (a run's own files; anything else in the folder is left alone).
 RUN_FILES = RUN_MARKERS + ("log.txt", "prior.csv", "tensorboard", "snapshots", "rows")
 RUN_GLOBS = ("preview_step*.png", "*.png")
@@ -109,8 +109,9 @@ class RunFolder:
              run_id: str | None = None, main_process: bool = True) -> RunFolder:
         run_id = run_id or (Path(out).name if out is not None else make_run_id(job))
         path = Path(out) if out is not None else default_run_folder(job, run_id)
-        check_run_folder(path, resume=resume, overwrite=overwrite)
         if main_process:
+            # Only the main process judges the folder: the others may find files it has written already.
+            check_run_folder(path, resume=resume, overwrite=overwrite)
             if overwrite and is_used(path):
                 removed = remove_run_files(path)
                 print(f"{job}: --overwrite: removed {removed} file(s) of the previous run in {path}", flush=True)

@@ -1,4 +1,4 @@
-"""Frozen-layer linear probes (docs/protocols.md section 4): the library half of ``benchmarks/linear_probe.py``.
+"""Frozen-layer linear probes (docs/protocols.md section 4): the heads of ``ssl_colorize.benchmarks.linear_probe``.
 
 One frozen forward pass of the encoder per batch feeds one classifier per tap; each classifier is
 *pool to about 9k dims -> BatchNorm1d without affine -> Linear(num_classes)* and the taps' losses are
@@ -366,8 +366,11 @@ def evaluate(
     device: torch.device | str,
     max_batches: int | None = None,
     progress: bool = False,
+    skipped: list[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of every head on ``batches`` of centre crops.
+
+    ``skipped``: a list the paths of undecodable files are appended to (they are not scored).
 
     ``batches`` yields :class:`ssl_colorize.data.Batch` objects (``images`` uint8, ``labels``). With
     fewer than 5 classes "top5" is top-k for k = the number of classes (then 100%). Returns
@@ -387,6 +390,8 @@ def evaluate(
     for index, batch in enumerate(bar):
         if max_batches is not None and index >= max_batches:
             break
+        if skipped is not None:
+            skipped.extend(batch.skipped)
         if batch.labels.numel() == 0:
             continue
         images = batch.images.to(device, non_blocking=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import timm
-import torch
 from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap
