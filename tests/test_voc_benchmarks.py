@@ -6,10 +6,8 @@ name them. Sizes and iteration counts are tiny; the numbers are only checked for
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -20,24 +18,19 @@ from ssl_colorize.benchmarks import voc_segmentation as seg_bench
 from ssl_colorize.checkpoint import load_encoder
 from ssl_colorize.data.builtin_voc import make_voc_fixture
 from ssl_colorize.data.voc import VOC_CLASSES, load_main_split
-from ssl_colorize.engine.finetune import UntouchedGuard, finetune_modules, resolve_input, to_model_input
+from ssl_colorize.engine.finetune import UntouchedGuard, finetune_modules
+from ssl_colorize.engine.transfer_run import resolve_input, to_model_input
 from ssl_colorize.heads import detection, segmentation
 from ssl_colorize.models import create_model
 from ssl_colorize.results import load_published, paper_table, read_rows
+from voc_testing import check_bad_inputs_reported, check_rows, common, make_small_voc
 
-BAD = ("missing_annotation", "unknown_class", "corrupt_image", "bad_mask")
 BENCHMARKS = {"voc_classification": cls_bench, "voc_detection": det_bench, "voc_segmentation": seg_bench}
 
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    return make_voc_fixture(tmp_path_factory.mktemp("vocdata"), n_trainval07=8, n_test07=6, n_train12=6, n_val12=4,
-                            image_size=(64, 96), sbd=True, n_sbd=4, bad=BAD)
-
-
-def common(voc, tmp_path, *extra):
-    return ["--data", str(voc.root), "--workers", "0", "--out", str(tmp_path / "run"),
-            "--out-csv", str(tmp_path / "voc.csv"), "--seed", "0", *map(str, extra)]
+    return make_small_voc(tmp_path_factory.mktemp("vocdata"))
 
 
 def capture_encoder(monkeypatch, module):
@@ -58,22 +51,6 @@ def capture_encoder(monkeypatch, module):
 def changed_tensors(captured) -> set[str]:
     after = captured["encoder"].state_dict()
     return {k for k, v in captured["before"].items() if not torch.equal(v, after[k])}
-
-
-def check_rows(csv: Path, benchmark: str, metric: str, min_rows: int) -> pd.DataFrame:
-    rows = read_rows(csv)
-    assert len(rows) >= min_rows
-    assert set(rows["benchmark"]) == {benchmark}
-    main = rows[rows["metric"] == metric]
-    assert len(main) and main["value"].between(0, 100).all()
-    assert (rows["encoder"] == "alexnet_lab").all() and (rows["checkpoint"] == "random").all()
-    return rows
-
-
-def check_bad_inputs_reported(summary: dict, voc, expect: tuple[str, ...]) -> None:
-    text = json.dumps(summary)
-    for case in expect:
-        assert str(voc.bad_files[case]) in text, f"{case} not reported"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,46 +1,21 @@
 """VOC2007 linear SVMs on frozen features (ssl_colorize.benchmarks.voc_svm, heads.svm, heads.svm_features)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from ssl_colorize.benchmarks import voc_svm as svm_bench
 from ssl_colorize.data.builtin_voc import make_voc_fixture
 from ssl_colorize.heads.svm import choose_cost
-from ssl_colorize.results import read_rows
 from ssl_colorize.voc_metrics import average_precision
+from voc_testing import check_bad_inputs_reported, check_rows, common, make_small_voc
 
-BAD = ("missing_annotation", "unknown_class", "corrupt_image", "bad_mask")
 
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    return make_voc_fixture(tmp_path_factory.mktemp("vocdata"), n_trainval07=8, n_test07=6, n_train12=6, n_val12=4,
-                            image_size=(64, 96), sbd=True, n_sbd=4, bad=BAD)
-
-
-def common(voc, tmp_path, *extra):
-    return ["--data", str(voc.root), "--workers", "0", "--out", str(tmp_path / "run"),
-            "--out-csv", str(tmp_path / "voc.csv"), "--seed", "0", *map(str, extra)]
-
-
-def check_rows(csv: Path, benchmark: str, metric: str, min_rows: int) -> pd.DataFrame:
-    rows = read_rows(csv)
-    assert len(rows) >= min_rows
-    assert set(rows["benchmark"]) == {benchmark}
-    main = rows[rows["metric"] == metric]
-    assert len(main) and main["value"].between(0, 100).all()
-    assert (rows["encoder"] == "alexnet_lab").all() and (rows["checkpoint"] == "random").all()
-    return rows
-
-
-def check_bad_inputs_reported(summary: dict, voc, expect: tuple[str, ...]) -> None:
-    text = json.dumps(summary)
-    for case in expect:
-        assert str(voc.bad_files[case]) in text, f"{case} not reported"
+    return make_small_voc(tmp_path_factory.mktemp("vocdata"))
 
 
 def run_cli(argv):

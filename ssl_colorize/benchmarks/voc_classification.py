@@ -50,11 +50,13 @@ from ssl_colorize.data.voc import (
 )
 from ssl_colorize.engine.cli import ArgumentParser, UsageError, check_positive, fail, run_cli
 from ssl_colorize.engine.finetune import (
-    BN_MODES, FINETUNE_SETTINGS, PAD_RGB, TransferRun, UntouchedGuard, add_common_args, add_training_args,
-    batch_stream, bias_lr_groups, checkpoint_ref, dataset_name, default_crop, feature_tap, finetune,
-    finetune_modules, load_transfer_encoder, resolve_data, resolve_device, resolve_input, schedule_length,
-    seed_everything, set_requires_grad, set_train_mode, step_lr, to_model_input, trained_tensor_names,
-    validate_common, validate_training,
+    BN_MODES, FINETUNE_SETTINGS, UntouchedGuard, add_training_args, batch_stream, bias_lr_groups, feature_tap,
+    finetune, finetune_modules, schedule_length, set_requires_grad, set_train_mode, step_lr, trained_tensor_names,
+)
+from ssl_colorize.engine.transfer_run import (
+    PAD_RGB, TransferRun, add_common_args, checkpoint_ref, dataset_name, default_crop, load_transfer_encoder,
+    resolve_data, resolve_device, resolve_input, seed_everything, to_model_input, validate_common,
+    validate_training,
 )
 from ssl_colorize.heads.classification import VOCClassifier, masked_bce
 from ssl_colorize.voc_metrics import classification_ap, mean_ap

@@ -50,9 +50,11 @@ from ssl_colorize.data.voc import (
 )
 from ssl_colorize.engine.cli import ArgumentParser, UsageError, check_non_negative, check_positive, fail, run_cli
 from ssl_colorize.engine.finetune import (
-    BN_MODES, TransferRun, add_common_args, add_training_args, batch_stream, checkpoint_ref, dataset_name, finetune,
-    load_transfer_encoder, resolve_data, resolve_device, resolve_input, schedule_length, seed_everything,
-    set_train_mode, step_lr, to_model_input, validate_common, validate_training,
+    BN_MODES, add_training_args, batch_stream, finetune, schedule_length, set_train_mode, step_lr,
+)
+from ssl_colorize.engine.transfer_run import (
+    TransferRun, add_common_args, checkpoint_ref, dataset_name, load_transfer_encoder, resolve_data, resolve_device,
+    resolve_input, seed_everything, to_model_input, validate_common, validate_training,
 )
 from ssl_colorize.heads.detection import build_detector, has_detection_split
 from ssl_colorize.models.cards import get_card

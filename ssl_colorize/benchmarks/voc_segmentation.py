@@ -55,9 +55,11 @@ from ssl_colorize.engine.cli import (
     run_cli,
 )
 from ssl_colorize.engine.finetune import (
-    BN_MODES, PAD_RGB, TransferRun, add_common_args, add_training_args, batch_stream, checkpoint_ref, dataset_name,
-    finetune, load_transfer_encoder, pad_value, resolve_data, resolve_device, resolve_input, schedule_length,
-    seed_everything, set_train_mode, step_lr, validate_common, validate_training,
+    BN_MODES, add_training_args, batch_stream, finetune, schedule_length, set_train_mode, step_lr,
+)
+from ssl_colorize.engine.transfer_run import (
+    PAD_RGB, TransferRun, add_common_args, checkpoint_ref, dataset_name, load_transfer_encoder, pad_value,
+    resolve_data, resolve_device, resolve_input, seed_everything, validate_common, validate_training,
 )
 from ssl_colorize.heads.segmentation import FCN32s, default_pad, model_inputs, seg_tap
 from ssl_colorize.voc_metrics import ConfusionMatrix, mean_ap

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ssl_colorize.data.voc import VOC_CLASSES, classification_targets, load_main_split
 from ssl_colorize.engine.cli import ArgumentParser, UsageError, check_number, check_output_dir, check_positive, fail, run_cli
-from ssl_colorize.engine.finetune import (
+from ssl_colorize.engine.transfer_run import (
     PAD_RGB, add_common_args, checkpoint_ref, dataset_name, resolve_data, resolve_input, validate_common,
 )
 from ssl_colorize.engine.run import RunFolder, seed_everything

@@ -18,8 +18,7 @@ default) reproduces that: every BatchNorm stays in eval mode, with its statistic
 weights around it train. ``--bn train`` lets the BatchNorms of the fine-tuned layers use batch
 statistics (and update their running averages) instead.
 
-Encoder loading, inputs and :class:`TransferRun` live in ssl_colorize.engine.transfer_run; they are
-importable from here as well.
+Encoder loading, inputs and :class:`TransferRun` live in ssl_colorize.engine.transfer_run.
 """
 
 from __future__ import annotations
@@ -37,26 +36,7 @@ from tqdm import tqdm
 
 from ssl_colorize.engine.cli import UsageError
 from ssl_colorize.engine.run import rng_state, set_rng_state
-from ssl_colorize.engine.transfer_run import (  # noqa: F401  (re-exported: the VOC recipes import them from here)
-    DEFAULT_ENCODER,
-    DEFAULT_OUT_CSV,
-    INPUT_CHOICES,
-    PAD_RGB,
-    TransferRun,
-    add_common_args,
-    checkpoint_ref,
-    dataset_name,
-    default_crop,
-    load_transfer_encoder,
-    pad_value,
-    resolve_data,
-    resolve_device,
-    resolve_input,
-    seed_everything,
-    to_model_input,
-    validate_common,
-    validate_training,
-)
+from ssl_colorize.engine.transfer_run import TransferRun
 from ssl_colorize.heads.probe import FrozenEncoderGuard
 from ssl_colorize.models.cards import card_of
 

@@ -30,7 +30,7 @@ from torch import nn
 from ssl_colorize.checkpoint_ref import CheckpointRef, parse_checkpoint_ref
 from ssl_colorize.data.voc import DataReport, split_file, year_dir
 from ssl_colorize.engine.cli import (
-    UsageError, check_input_dir, check_tensorboard, check_non_negative, check_output_file, check_positive, fail,
+    UsageError, check_device, check_input_dir, check_tensorboard, check_non_negative, check_output_file, check_positive,
 )
 from ssl_colorize.engine.run import RunFolder, add_run_args, check_run_folder
 from ssl_colorize.heads.probe import encoder_input
@@ -98,11 +98,7 @@ def validate_common(args: argparse.Namespace, splits: Iterable[tuple[int, str, s
                 raise UsageError(str(exc)) from None
     check_output_file("--out-csv", args.out_csv)
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-    if args.device is not None:
-        try:
-            resolve_device(args.device)
-        except (RuntimeError, ValueError) as exc:
-            raise fail("--device", args.device, str(exc).split(": ", 1)[-1]) from None
+    check_device("--device", args.device)
     ref = checkpoint_ref(args)
     ref.model_name()  # reads only the file's "model" entry: a foreign file is named now
     return ref
