@@ -244,7 +244,7 @@ def vissl_resnet_trunk(seed: int = 0) -> dict[str, torch.Tensor]:
 def vissl_resnet_reference(trunk, lightness: torch.Tensor, res5_dilations=(1, 1, 1)) -> dict[str, torch.Tensor]:
     """torchvision's Bottleneck ResNet-50 on L - 50 (VISSL's LAYER4_STRIDE 1): conv1 and res2 ... res5.
 
-    ``res5_dilations``: the 3x3 dilation of each res5 block (VISSL: none; our resnet50_lab: (1, 2, 2)).
+    ``res5_dilations``: the 3x3 dilation of each res5 block (VISSL's and ours: none).
     """
     def bn(h, p):
         return F.batch_norm(h, trunk[f"{p}.running_mean"], trunk[f"{p}.running_var"], trunk[f"{p}.weight"],

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-MISSING = "/nonexistent/ssl_colorize_test"
+# Replaced in each test by a path below a regular file: it cannot exist and cannot be created, even by
+# root (the CI runs as root, for whom an "unwritable" folder does not exist).
+MISSING = "@MISSING@"
 RANDOM = ["--checkpoint", "random:alexnet_lab"]
 
 # (module, argv, the option the message must name). Paths that must not exist are under MISSING;
@@ -69,6 +71,10 @@ CASES = {
         ("ssl_colorize.launch", ["submit", "--cluster", "local", "--dry-run", "--", "ssl_colorize.pretrain",
                                  "--data", MISSING], "--data"),
     ],
+    "convert": [
+        ("ssl_colorize.convert", ["--format", "caffe", f"{MISSING}.caffemodel", "--out", "x.pth"], MISSING),
+        ("ssl_colorize.convert", ["--format", "onnx", "model.onnx", "--out", "x.pth"], "--format"),
+    ],
     "launch sweep": [
         ("ssl_colorize.launch", ["sweep", f"{MISSING}.toml"], MISSING),
     ],
@@ -99,15 +105,36 @@ def empty_cwd(tmp_path, monkeypatch):
     return work
 
 
+@pytest.fixture
+def missing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    return str(blocker / "missing")
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A real image outside the working folder, for the commands that need one."""
+    from PIL import Image
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (200, 80, 40)).save(path)
+    return str(path)
+
+
+def _argv(argv, missing, photo):
+    return [a.replace(MISSING, missing).replace("photo.jpg", photo) for a in argv]
+
+
 @pytest.mark.parametrize("module,argv,option", PARAMS)
-def test_user_mistake_is_one_line_exit_2_and_writes_nothing(module, argv, option, empty_cwd, capsys):
+def test_user_mistake_is_one_line_exit_2_and_writes_nothing(module, argv, option, empty_cwd, missing, photo, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _cli(module)(argv)
+        _cli(module)(_argv(argv, missing, photo))
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert exit_info.value.code == 2, captured.err
     assert len(lines) == 1, captured.err
-    assert option in lines[0], lines[0]
+    assert option.replace(MISSING, missing) in lines[0], lines[0]
     assert "Traceback" not in captured.err
     assert sorted(p.name for p in empty_cwd.iterdir()) == [], "a failed command left files behind"
 
@@ -121,12 +148,12 @@ def test_every_entry_point_is_covered():
 
 
 @pytest.mark.parametrize("group", ["pretrain", "linear_probe", "voc_detection", "launch submit"])
-def test_the_same_from_the_command_line(group, tmp_path):
+def test_the_same_from_the_command_line(group, empty_cwd, missing, photo):
     module, argv, option = CASES[group][0]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", module, *_argv(argv, missing, photo)], cwd=empty_cwd, env=env,
                             capture_output=True, text=True, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and option in lines[0], result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert len(lines) == 1 and option.replace(MISSING, missing) in lines[0], result.stderr
+    assert list(empty_cwd.iterdir()) == []

@@ -122,16 +122,6 @@ def test_two_processes_join_a_gloo_group():
     assert got == [(0, 2, 0, 0, 2, True, backend, 3.0), (1, 2, 1, 1, 2, False, backend, 3.0)]
 
 
-@pytest.fixture(autouse=True)
-def restore_environment():
-    """submitit's TorchDistributedEnvironment writes os.environ directly (not through monkeypatch): put
-    every variable back, or a leaked RANK / WORLD_SIZE makes later tests wait for a process group."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 SUBMITIT_LOCAL = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2",
                   "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "1",
                   "SUBMITIT_LOCAL_LOCALID": "1"}

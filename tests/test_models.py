@@ -274,13 +274,13 @@ def test_alexnet_parameter_count_and_options():
 # --------------------------------------------------------------------------------------- resnet
 def test_resnet_last_stage_stride_option():
     x = torch.rand(1, 1, 64, 64) * 100
-    dilated = create_model("resnet50_lab").eval()
+    stride1 = create_model("resnet50_lab").eval()
     plain = create_model("resnet50_lab", stride1_last_stage=False).eval()
     with torch.no_grad():
-        assert dilated.forward_taps(x, ["res5"])["res5"].shape[-1] == 64 // 16
+        assert stride1.forward_taps(x, ["res5"])["res5"].shape[-1] == 64 // 16
         assert plain.forward_taps(x, ["res5"])["res5"].shape[-1] == 64 // 32
-    assert (dilated.output_stride, plain.output_stride) == (16, 32)
-    plain.load_state_dict(dilated.state_dict())  # same weights, only strides / dilations differ
+    assert (stride1.output_stride, plain.output_stride) == (16, 32)
+    plain.load_state_dict(stride1.state_dict())  # same weights, only the strides differ
 
 
 def test_torchvision_alexnet_loads_a_local_state_dict(tmp_path):
@@ -389,3 +389,17 @@ def test_kmeans_init_rejects_bad_arguments():
         kmeans_init_(model, torch.rand(1, 1, 64, 64), max_patches=1)
     with pytest.raises(ValueError, match="no data"):
         kmeans_init_(model, [])
+
+
+def test_resnet50_lab_res5_is_stride_1_without_dilation_as_goyal_et_al():
+    # Goyal et al. / VISSL (LAYER4_STRIDE: 1): res5 keeps res4's 14x14 at 224 and no convolution is dilated.
+    model = create_model("resnet50_lab").eval()
+    dilated = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.dilation != (1, 1)]
+    assert dilated == []
+    with torch.no_grad():
+        maps = model.forward_taps(torch.rand(1, 1, 224, 224) * 100, ["res4", "res5"])
+    assert tuple(maps["res4"].shape[-2:]) == tuple(maps["res5"].shape[-2:]) == (14, 14)
+    assert model.taps["res5"].stride == 16
+    # the stride-2 network (stride1_last_stage=False) has the same weights' shapes: checkpoints stay loadable
+    plain = create_model("resnet50_lab", stride1_last_stage=False)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -72,6 +72,8 @@ def refused(capsys, argv: list[str]) -> str:
     (("--checkpoint", "random", "--encoder", "resnet50_lab", "--geometry", "transfer"),
      "--geometry transfer: encoder 'resnet50_lab' has no"),
     (("--resume",), "--resume needs --out"),
+    (("--protocol", "bilinear"), "--protocol: invalid choice: 'bilinear'"),
+    (("--pool", "avg", "--protocol", "zhang"), "--pool avg: contradicts --protocol zhang"),
 ])
 def test_bad_options_stop_before_any_work(tiny_data, tmp_path, monkeypatch, capsys, extra, expected):
     monkeypatch.chdir(tmp_path)
@@ -206,6 +208,23 @@ def test_real_data_defaults_come_from_the_card(tiny_data, encoder):
     assert settings["crop"] == card.probe.crop and settings["wd"] == card.probe.weight_decay
     assert settings["epochs"] == 28 and settings["batch_size"] == 256 and settings["resize"] == 256
     assert settings["input_mode"] == "auto"
+    assert settings["protocol"] == card.probe.protocol == ("goyal" if encoder == "resnet50_lab" else "zhang")
+
+
+@pytest.mark.parametrize("extra,protocol", [
+    ((), "zhang"), (("--protocol", "max"), "max"), (("--pool", "bilinear"), "zhang"), (("--pool", "avg"), "goyal"),
+    (("--pool", "max", "--protocol", "max"), "max"),
+])
+def test_protocol_option_and_the_deprecated_pool_alias(tiny_data, extra, protocol):
+    args = linear_probe.get_args_parser().parse_args(["--checkpoint", "random:alexnet_lab", "--data", str(tiny_data),
+                                                      *extra])
+    args.input = "auto"
+    assert resolve_settings(args)["protocol"] == protocol
+
+
+def test_pool_is_hidden_from_help():
+    text = linear_probe.get_args_parser().format_help()
+    assert "--protocol" in text and "zhang" in text and "--pool" not in text
 
 
 def test_input_grey_rgb_reaches_an_rgb_encoder_as_grey(tiny_data):
@@ -252,7 +271,7 @@ def test_learning_rates_print_without_float_noise():
 
 
 def test_a_one_layer_plot_is_a_labelled_bar_with_its_title(tmp_path):
-    table = pd.DataFrame([{"method": "ours: alexnet_lab random", "kind": "ours", "protocol": "linear-avg",
+    table = pd.DataFrame([{"method": "ours: alexnet_lab random", "kind": "ours", "protocol": "goyal",
                            "conv1": 41.25, "runs": 1}])
     title = "linear probes on a-dataset-with-a-rather-long-name-indeed: top-1 at conv1"
     png = plot_accuracy_vs_layer(table, tmp_path / "one.png", title)

@@ -132,7 +132,7 @@ def test_code_version_is_the_package_version():
 # docs/protocols.md section 4, "As published" (AlexNet, top-1, conv1..conv5).
 PROTOCOL_IMAGENET = {
     "colorization (Zhang et al. 2016)": "12.5 24.5 30.4 31.5 30.3",
-    "colorization (Zhang et al. 2016), other version": "13.1 24.8 31.0 32.6 31.8",
+    "colorization (Zhang et al. 2016), re-probed 2017": "13.1 24.8 31.0 32.6 31.8",
     "ImageNet labels": "19.3 36.3 44.2 48.3 50.5",
     "random (Gaussian)": "11.6 17.1 16.9 16.3 14.1",
     "k-means init (Krahenbuhl et al. 2016)": "17.5 23.0 24.5 23.2 20.6",
@@ -181,6 +181,57 @@ def test_published_csv_holds_every_protocol_number_with_a_source():
     assert full.to_dict() == {"auc_raw": 89.5, "auc_rebalanced": 67.3, "vgg16_top1": 56.0, "amt_fooled": 32.3}
 
 
+def test_every_published_row_names_its_protocol_split_and_one_source():
+    published = results.load_published()
+    assert results.published_problems(published) == []
+    assert (published["protocol"].str.len() > 0).all() and (published["split"].str.len() > 0).all()
+    probes = published[published["benchmark"] == "linear_probe"]
+    assert set(probes["protocol"]) == {"zhang", "goyal"}
+    assert set(probes.loc[probes["tap"] == "best", "protocol"]) == {"goyal"}  # VISSL re-evaluations
+    # The protocols our benchmarks write, so our rows can sit beside these (docs/published-numbers.md).
+    by_benchmark = published.groupby("benchmark")["protocol"].agg(set).to_dict()
+    assert by_benchmark["voc_classification"] == {"10crop"}
+    assert by_benchmark["voc_detection"] == {"fast_rcnn_11point"}  # Fast R-CNN: not beside our Faster R-CNN
+    assert by_benchmark["voc_segmentation"] == {"fcn32s", "fcn32s_colour_input"}
+    assert set(published.loc[published["benchmark"] == "voc_segmentation", "split"]) == {"seg11valid"}
+    assert by_benchmark["colorization_quality"] == {"annealed_mean", "baseline", "classifier_top1_imagenet_labels",
+                                                    "real_vs_fake_2afc"}
+    # The row once without a source is the split-brain paper's re-probe of the colorization model.
+    reprobed = published[published["method"] == "colorization (Zhang et al. 2016), re-probed 2017"]
+    assert set(reprobed["source"]) == {"Zhang et al. CVPR 2017 (Split-Brain Autoencoders, arXiv 1611.09842), Table 2"}
+    # The probe protocols are the probe's own names.
+    from ssl_colorize.heads.probe_pool import LEGACY_POOL, PROTOCOLS
+    assert results.PROBE_PROTOCOLS == PROTOCOLS
+    assert {results.canonical_protocol(f"linear-{old}") for old in LEGACY_POOL} == set(PROTOCOLS)
+
+
+@pytest.mark.parametrize("column, value, expect", [
+    ("protocol", "", "empty protocol"),
+    ("split", " ", "empty split"),
+    ("source", "", "empty source"),
+    ("protocol", "linear-avg", "is not one of"),
+    ("source", "Zhang et al. ECCV 2016 and Split-Brain Autoencoders, CVPR 2017: comparison tables", "one publication"),
+    ("source", "Zhang et al. ECCV 2016, Table 2; Zhang et al. CVPR 2017, Table 2", "one publication"),
+    ("source", "Zhang et al. ECCV 2016, Noroozi et al. ECCV 2016, Table 2", "one publication"),
+    ("source", "Zhang et al. ECCV 2016 (Colorful Image Colorization)", "one publication"),  # no table
+    ("source", "a secondary table (docs/protocols.md section 4)", "one publication"),  # no paper
+])
+def test_a_published_row_without_protocol_or_with_two_sources_is_a_problem(column, value, expect):
+    published = results.load_published()
+    assert results.published_problems(published) == []
+    broken = published.copy()
+    broken.loc[3, column] = value
+    problems = results.published_problems(broken)
+    assert len(problems) == 1 and expect in problems[0] and "line 5 " in problems[0]
+
+
+def test_two_published_rows_for_one_cell_are_a_problem():
+    published = results.load_published()
+    doubled = pd.concat([published, published.iloc[[0]]], ignore_index=True)
+    problems = results.published_problems(doubled)
+    assert len(problems) == 1 and "more than once" in problems[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # The paper-style table
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +266,7 @@ def test_table_pivots_ours_beside_the_published():
     assert [rand[t] for t in TAPS] == [11.0, 12.0, 13.0, 14.0, 15.0] and rand["runs"] == 2
     pre = ours.loc["ours: alexnet_lab runs/a/checkpoint.pth"]
     assert np.isnan(pre["conv1"]) and pre["conv2"] == 21.0 and pre["conv3"] == 99.0 and pre["runs"] == 1
-    assert rand["protocol"] == "linear-avg"
+    assert rand["protocol"] == "goyal"  # written as linear-avg, read by today's name
     # Other metric and dataset stay out; the top-5 table has only ours.
     top5 = results.paper_table(_ours_frame(), published, benchmark="linear_probe", dataset="imagenet", metric="top5")
     assert list(top5["method"]) == ["ours: alexnet_lab runs/a/checkpoint.pth"] and top5.iloc[0]["conv2"] == 70.0
@@ -226,18 +277,59 @@ def test_tables_cover_each_benchmark_dataset_metric_and_single_tap_benchmarks_pi
                                    benchmark="voc_detection"))])
     ours = pd.concat([ours, _ours_frame()], ignore_index=True)
     tables = dict(results.paper_tables(ours, results.load_published(), reference=False))
-    assert set(tables) == {"voc_detection | voc2007", "linear_probe | imagenet | top1", "linear_probe | imagenet | top5",
-                           "linear_probe | places205 | top1"}
-    det = tables["voc_detection | voc2007"]
+    assert set(tables) == {"voc_detection | voc2007 [goyal]", "linear_probe | imagenet | top1 [goyal]",
+                           "linear_probe | imagenet | top5 [goyal]", "linear_probe | places205 | top1 [goyal]"}
+    det = tables["voc_detection | voc2007 [goyal]"]
     assert value_cols(det) == ["mAP"]
     assert det.set_index("method").loc["ours: alexnet_lab random", "mAP"] == 40.0
     with_reference = dict(results.paper_tables(ours[ours["dataset"] == "voc2007"], results.load_published()))
     # The same benchmark's published tables on other datasets are not invented; voc_detection has only voc2007.
-    assert set(with_reference) == {"voc_detection | voc2007"}
+    assert set(with_reference) == {"voc_detection | voc2007 [goyal]",
+                                   "voc_detection | voc2007 (published) [fast_rcnn_11point]"}
     builtin = pd.DataFrame([vars(_row(run_id="b", tap=t, dataset="builtin-shapes")) for t in TAPS])
     shown = [title for title, _ in results.paper_tables(builtin, results.load_published())]
-    assert shown == ["linear_probe | builtin-shapes | top1", "linear_probe | imagenet | top1 (published)",
-                     "linear_probe | places205 | top1 (published)"]
+    assert shown == ["linear_probe | builtin-shapes | top1 [goyal]",
+                     "linear_probe | imagenet | top1 (published) [zhang]",
+                     "linear_probe | imagenet | top1 (published) [goyal]",
+                     "linear_probe | places205 | top1 (published) [zhang]"]
+
+
+def test_our_rows_appear_only_in_the_table_of_their_protocol():
+    rows = [_row(run_id=f"{proto}-run", tap=t, value=float(i), protocol=proto, checkpoint=f"runs/{proto}")
+            for proto in ("zhang", "goyal", "max") for i, t in enumerate(TAPS)]
+    rows += [_row(run_id="old", tap=t, protocol="linear-bilinear", checkpoint="runs/old") for t in TAPS]
+    rows += [_row(run_id="det", benchmark="voc_detection", dataset="voc2007", tap="all", metric="mAP", value=40.0,
+                  protocol="faster_rcnn_11point")]
+    ours = pd.DataFrame([vars(r) for r in rows])
+    tables = dict(results.paper_tables(ours, results.load_published()))
+    where = {}  # our method -> the tables it appears in
+    for title, table in tables.items():
+        protocol = title.rsplit(" [", 1)[1].removesuffix("]")
+        assert set(table["protocol"]) <= {protocol}, title  # one protocol per table, ours and published
+        for method in table.loc[table["kind"] == "ours", "method"]:
+            where.setdefault(method, []).append(title)
+    assert where == {
+        "ours: alexnet_lab runs/zhang": ["linear_probe | imagenet | top1 [zhang]"],
+        "ours: alexnet_lab runs/old": ["linear_probe | imagenet | top1 [zhang]"],  # linear-bilinear = zhang
+        "ours: alexnet_lab runs/goyal": ["linear_probe | imagenet | top1 [goyal]"],
+        "ours: alexnet_lab runs/max": ["linear_probe | imagenet | top1 [max]"],
+        "ours: alexnet_lab random": ["voc_detection | voc2007 [faster_rcnn_11point]"],
+    }
+    zhang = tables["linear_probe | imagenet | top1 [zhang]"].set_index("method")
+    assert "split-brain (Zhang et al. 2017)" in zhang.index
+    assert "colorization, Goyal et al. weights (VISSL)" not in zhang.index
+    goyal = tables["linear_probe | imagenet | top1 [goyal]"]
+    assert set(goyal.loc[goyal["kind"] == "published", "method"]) == {
+        "colorization, Goyal et al. weights (VISSL)", "colorization ResNet-50, Goyal et al. weights (VISSL)"}
+    assert list(tables["linear_probe | imagenet | top1 [max]"]["kind"]) == ["ours"]  # nothing published for max
+    # Our Faster R-CNN is not placed beside the paper's Fast R-CNN; the paper's table is a reference of its own.
+    assert list(tables["voc_detection | voc2007 [faster_rcnn_11point]"]["kind"]) == ["ours"]
+    assert "voc_detection | voc2007 (published) [fast_rcnn_11point]" in tables
+    # The printed label carries the protocol; one protocol asked for keeps ours and published to it.
+    text = results.format_table(tables["linear_probe | imagenet | top1 [zhang]"])
+    assert "ours: alexnet_lab runs/zhang [zhang]" in text and "split-brain (Zhang et al. 2017) [zhang]" in text
+    only = dict(results.paper_tables(ours, results.load_published(), protocol="linear-avg"))
+    assert list(only) == ["linear_probe | imagenet | top1 [goyal]"]
 
 
 def value_cols(table):
@@ -259,8 +351,8 @@ def test_cli_prints_the_table_and_draws_the_plot(tmp_path, capsys):
     png = tmp_path / "layers.png"
     assert results.cli([str(csv_path), "--benchmark", "linear_probe", "--dataset", "imagenet", "--png", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "linear_probe | imagenet | top1" in out
-    assert "ours: alexnet_lab random" in out and "split-brain (Zhang et al. 2017)" in out
+    assert "linear_probe | imagenet | top1 [goyal]" in out
+    assert "ours: alexnet_lab random [goyal]" in out and "split-brain (Zhang et al. 2017) [zhang]" in out
     assert "5.0   10.0   15.0   20.0   25.0" in out
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 300
@@ -280,7 +372,7 @@ def test_cli_reads_our_tables_from_the_current_folder_and_prints_the_published_a
     empty.mkdir()
     done = _module_cli(cwd=empty)
     assert done.returncode == 0, done.stderr
-    assert "linear_probe | imagenet | top1 (published)" in done.stdout and "ours:" not in done.stdout
+    assert "linear_probe | imagenet | top1 (published) [zhang]" in done.stdout and "ours:" not in done.stdout
     assert list(empty.iterdir()) == []  # reading the tables writes nothing
     # Rows of ours under ./results/ (a per-run folder only, as jobs write them) are found by default.
     results.append_rows(empty / "results" / "linear_probe.csv", [_row(run_id="x", tap=t, value=7.0) for t in TAPS])

@@ -6,7 +6,8 @@
 
 The recipe: load the encoder (a pretraining checkpoint or run folder, or ``random:ENCODER``: a seeded
 initialisation of the same architecture), freeze it, put one linear head per requested tap (pool to
-about 9k dims -> BatchNorm1d without affine -> Linear), train every head from one frozen forward pass
+about 9k dims by the --protocol -> per-channel BatchNorm without affine -> Linear; weights lr x1,
+biases lr x2 without decay, as the released probe), train every head from one frozen forward pass
 per batch with SGD on the sum of their losses, then score the single centre crop (top-1, top-5). The
 encoder is checked bit for bit after training; a changed tensor fails the run (ssl_colorize.heads.probe).
 
@@ -39,7 +40,7 @@ from ssl_colorize.engine.probe_settings import (
 )
 from ssl_colorize.engine.probe_train import ProbeTraining, format_lr
 from ssl_colorize.engine.run import RunFolder, add_run_args, check_run_folder
-from ssl_colorize.heads.probe import POOL_MODES, MultiTapProbe
+from ssl_colorize.heads.probe import LEGACY_POOL, PROTOCOLS, MultiTapProbe
 
 #: The old --input-mode spelling (still accepted, hidden) -> --input.
 DEPRECATED_INPUT_MODES = {"auto": "auto", "rgb": "rgb", "grey": "grey-rgb"}
@@ -61,8 +62,13 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                       help="encoder geometry for encoders that have one (alexnet_lab): default 'transfer', "
                            "the CaffeNet geometry the protocol probes (docs/protocols.md section 3)")
     what.add_argument("--layer", default="all", help="a tap, a comma list of taps, or 'all' (the encoder's probe taps)")
-    what.add_argument("--pool", default="avg", choices=POOL_MODES,
-                      help="how each tap is reduced to ~9k dims (recorded in the 'protocol' column)")
+    what.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                      help="the published probe to follow (docs/linear-probes.md): zhang = the released probe "
+                           "(Caffe Resize to fixed grids), goyal = fixed-kernel average pooling, max = max pooling; "
+                           "each then per-channel BatchNorm and Linear (default: the encoder card's, zhang for "
+                           "AlexNets, goyal for ResNet-50)")
+    # The old name: bilinear -> zhang, avg -> goyal, max -> max.
+    what.add_argument("--pool", default=None, choices=tuple(LEGACY_POOL), help=argparse.SUPPRESS)
     what.add_argument("--input", default=None, choices=INPUT_CHOICES,
                       help="encoder input: auto follows the encoder (L for L encoders, RGB for RGB encoders); "
                            "grey-rgb shows an RGB encoder the L channel as neutral grey RGB (default auto)")
@@ -171,7 +177,7 @@ def main(args: argparse.Namespace) -> dict:
     encoder = build_encoder(settings)
     torch.manual_seed(settings["seed"])  # the heads' initialisation
     probe = MultiTapProbe(
-        encoder, settings["taps"], len(classes), settings["crop"], pool=settings["pool"],
+        encoder, settings["taps"], len(classes), settings["crop"], protocol=settings["protocol"],
         input_mode=settings["input_mode"],
     ).to(device)
     settings["input_mode"] = probe.input_mode
@@ -182,13 +188,13 @@ def main(args: argparse.Namespace) -> dict:
     )
     run_id = run.run_id
     run.write_config({**settings, "run_id": run_id, "out_csv": str(args.out_csv)})
-    print(f"linear probe {run_id}: {settings['encoder']} ({settings['checkpoint']}), taps {settings['taps']}, pool "
-          f"{settings['pool']}, {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
+    print(f"linear probe {run_id}: {settings['encoder']} ({settings['checkpoint']}), taps {settings['taps']}, "
+          f"protocol {settings['protocol']}, {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
           f"{settings['epochs']} epochs x {training.batches_per_epoch} batches of {settings['batch_size']}, "
           f"lr {format_lr(settings['lr'])}, wd {format_lr(settings['wd'])} on {device}; run folder {run.path}")
     for tap, info in probe.describe().items():
-        print(f"  {tap}: {info['channels']}x{info['map'][0]}x{info['map'][1]} -> {settings['pool']} "
-              f"{info['grid'][0]}x{info['grid'][1]} = {info['feature_dim']} dims")
+        print(f"  {tap}: {info['channels']}x{info['map'][0]}x{info['map'][1]} -> {settings['protocol']} "
+              f"{info['grid'][0]}x{info['grid'][1]}{pool_geometry(info)} = {info['feature_dim']} dims")
 
     loader_kw = dict(num_workers=settings["workers"], collate_fn=collate_skipping, pin_memory=device.type == "cuda")
     metrics = training.fit(loader_kw)
@@ -197,7 +203,7 @@ def main(args: argparse.Namespace) -> dict:
     out_csv = Path(args.out_csv)
     append_once(out_csv, rows, run_id)
     table_rows = print_tables(out_csv, settings["dataset"], settings["taps"])
-    png = None if args.no_plot else plot_dataset(table_rows, out_csv, settings["dataset"])
+    png = None if args.no_plot else plot_dataset(table_rows, out_csv, settings["dataset"], settings["protocol"])
     skipped = training.state["skipped"]
     summary = write_summary(run.path / "summary.json", run_id=run_id, settings=settings, metrics=metrics,
                             skipped=skipped, out_csv=out_csv, png=png, elapsed=training.state["elapsed"])
@@ -207,6 +213,13 @@ def main(args: argparse.Namespace) -> dict:
           + f"; {time.time() - started:.1f} s")
     return {"run_id": run_id, "metrics": metrics, "rows": rows, "csv": out_csv, "log": run.log_path, "png": png,
             "out": run.path, "summary": summary, "settings": settings, "probe": probe}
+
+
+def pool_geometry(info: dict) -> str:
+    """" (k19 s4 p0)" for an average pooling, "" otherwise."""
+    if "kernel" not in info:
+        return ""
+    return f" (k{info['kernel'][0]} s{info['stride'][0]} p{info['padding'][0]})"
 
 
 def cli(argv=None):

@@ -17,7 +17,7 @@ Run folder (ssl_colorize.engine.run): ``config.json``, ``log.jsonl`` (one record
 ``checkpoint.pth`` (the finished taps' per-class results: ``--resume`` continues after the last
 one), ``features/``, ``results.csv`` and ``summary.json``.
 
-Rows: benchmark ``voc_svm``, tap = the layer, protocol ``linear_svm_<pool>``, metrics ``mAP`` and
+Rows: benchmark ``voc_svm``, tap = the layer, protocol ``linear_svm_<probe protocol>`` (``goyal`` for ``--pool avg``), metrics ``mAP`` and
 ``AP_<class>`` (percent). As published: VISSL's re-evaluation of Goyal et al.'s colorization models
 reports per-layer VOC07 SVM mAP; there are no numbers for the ECCV 2016 AlexNet itself.
 """
@@ -40,6 +40,7 @@ from ssl_colorize.engine.transfer_run import (
 )
 from ssl_colorize.engine.run import RunFolder, seed_everything
 from ssl_colorize.heads.probe import POOL_MODES
+from ssl_colorize.heads.probe_pool import protocol_name
 from ssl_colorize.heads.svm import DEFAULT_COSTS, DEFAULT_MAX_ITER, POSITIVE_WEIGHT, parse_costs, train_all_classes
 from ssl_colorize.heads.svm_features import cache_path, cached_features, checkpoint_identity, extract_features
 from ssl_colorize.models import create_model
@@ -176,7 +177,7 @@ def main(args) -> dict:
         for metric, value in metrics[tap].items():
             if not math.isnan(value):  # a class without positives has no AP: no row rather than a NaN row
                 rows.append(make_row(run_id=run.run_id, benchmark=BENCHMARK, checkpoint=ref.label, encoder=name,
-                                     tap=tap, dataset=data_name, split="test", protocol=f"linear_svm_{args.pool}",
+                                     tap=tap, dataset=data_name, split="test", protocol=f"linear_svm_{protocol_name(args.pool)}",
                                      metric=metric, value=float(value), seed=args.seed, hparams=hparams))
         print(f"voc_svm: {tap}: mAP {metrics[tap]['mAP']:.2f} ({dims[tap]} dims)", flush=True)
     append_rows(args.out_csv, rows)

@@ -12,10 +12,8 @@ keys may carry ``trunk.`` / ``base_model.`` prefixes. The trunk's modules are ``
   plain BN's statistics, a negative gamma flipping the sign of its conv's output channel.
 * ResNet-50 (``vissl/models/trunks/resnext.py``, torchvision's Bottleneck): ``_feature_blocks.conv1`` /
   ``bn1`` / ``layer1`` ... ``layer4`` -> our ``conv1.conv`` / ``conv1.bn`` / ``res2`` ... ``res5`` (the same
-  module layout inside). The 313-way head is not in the trunk: seeded init. One difference remains:
-  VISSL runs res5 at stride 1 *without* dilation (``LAYER4_STRIDE: 1`` in torchvision's ResNet), while
-  resnet50_lab (timm ``output_stride=16``) dilates the 3x3 convs of res5's second and third blocks by 2,
-  so conv1 ... res4 equal VISSL's features and res5 differs (docs/released-models.md).
+  module layout inside). The 313-way head is not in the trunk: seeded init. Both run res5 at stride 1
+  without dilation (VISSL's ``LAYER4_STRIDE: 1``), so every tap equals VISSL's features.
 
 Input: VISSL feeds OpenCV's 8-bit L rescaled, ``round(L * 255 / 100) * 100 / 255 - 50``
 (``ImgPil2LabTensor``), i.e. L - 50 quantised to steps of 100 / 255 = 0.39 L units; ours is the
@@ -109,9 +107,7 @@ def convert_resnet(trunk: dict[str, torch.Tensor], src: str) -> tuple[torch.nn.M
     filler.state["conv1.conv.weight"] *= L_INPUT_SCALE
     kept = filler.check_complete(may_stay_initialised=("head.",))
     return model, filler, ["conv1 x100 (VISSL input: 8-bit L rescaled - 50; ours (L - 50) / 100)",
-                           f"not in the VISSL trunk, left at the seeded init: {', '.join(kept)}",
-                           "resnet50_lab dilates res5's blocks 2-3 by 2 (timm output_stride 16); VISSL's "
-                           "LAYER4_STRIDE 1 does not: conv1 ... res4 match VISSL exactly, res5 does not"]
+                           f"not in the VISSL trunk, left at the seeded init: {', '.join(kept)}"]
 
 
 def convert(src: str) -> tuple[torch.nn.Module, StateFiller, list[str]]:

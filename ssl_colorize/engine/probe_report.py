@@ -37,7 +37,7 @@ def make_rows(settings: dict, probe, metrics: dict, run_id: str, total_iters: in
         for metric in ("top1", "top5"):
             rows.append(results.make_row(
                 run_id=run_id, benchmark=BENCHMARK, checkpoint=checkpoint_column(settings), encoder=settings["encoder"],
-                tap=tap, dataset=settings["dataset"], split="val", protocol=f"linear-{settings['pool']}", metric=metric,
+                tap=tap, dataset=settings["dataset"], split="val", protocol=settings["protocol"], metric=metric,
                 value=round(float(metrics[tap][metric]), 4), seed=settings["seed"],
                 hparams={**common, **info, "n_eval": metrics[tap]["n"]},
             ))
@@ -113,10 +113,11 @@ def plot_accuracy_vs_layer(table: pd.DataFrame, png_path: Path, title: str) -> P
     return png_path
 
 
-def plot_dataset(table_rows: pd.DataFrame, out_csv: Path, dataset: str) -> Path:
-    """Every run of ours on this dataset (and the published rows, when the dataset has some)."""
+def plot_dataset(table_rows: pd.DataFrame, out_csv: Path, dataset: str, protocol: str) -> Path:
+    """Every run of ours on this dataset with this protocol (and the published rows of the same protocol,
+    when the dataset has some): curves measured different ways never share a plot."""
     table = results.paper_table(table_rows, results.load_published(), benchmark=BENCHMARK, dataset=dataset,
-                                metric="top1")
+                                metric="top1", protocol=protocol)
     layers = [c for c in results.value_columns(table) if c != "best"]
     what = f"top-1 at {layers[0]}" if len(layers) == 1 else "top-1 against layer"
     return plot_accuracy_vs_layer(table, plot_path(out_csv, dataset), f"linear probes on {dataset}: {what}")

@@ -21,7 +21,7 @@ from ssl_colorize.checkpoint_ref import parse_checkpoint_ref
 from ssl_colorize.data import EvalTransform, ImageFiles
 from ssl_colorize.data.builtin import SHAPES_VERSION, cache_dir
 from ssl_colorize.engine.cli import UsageError, check_input_dir, check_input_file, fail
-from ssl_colorize.heads.probe import SeededTrainCrops, resolve_input_mode, tap_shapes
+from ssl_colorize.heads.probe import LEGACY_POOL, SeededTrainCrops, resolve_input_mode, tap_shapes
 from ssl_colorize.models import create_model
 from ssl_colorize.models.cards import get_card
 
@@ -53,7 +53,7 @@ _INPUT_MODE = {"auto": "auto", "L": "auto", "rgb": "rgb", "grey-rgb": "grey", "g
 
 #: Settings that must match for a run to be resumed from its rolling checkpoint.
 RESUME_KEYS = (
-    "checkpoint", "encoder", "encoder_args", "geometry", "taps", "pool", "data", "crop", "resize", "epochs",
+    "checkpoint", "encoder", "encoder_args", "geometry", "taps", "protocol", "data", "crop", "resize", "epochs",
     "batch_size", "lr", "wd", "momentum", "nesterov", "lr_steps", "seed", "input_mode", "max_train_batches", "limit",
 )
 
@@ -97,11 +97,15 @@ def builtin_shapes_root() -> Path:
 
 
 def infer_dataset_name(root: Path) -> str:
-    """imagenet / places205 when the folder's name says so, else the folder's name."""
+    """imagenet / places205 when the folder is named exactly so, else the folder's name.
+
+    Only an exact name: a subset such as ``imagenet_det200`` must not be tabled beside the published
+    ImageNet numbers (``--dataset-name imagenet`` says so explicitly when it is the real thing).
+    """
     name = root.resolve().name.lower()
-    if "imagenet" in name or "ilsvrc" in name:
+    if name in ("imagenet", "ilsvrc2012", "ilsvrc", "imagenet1k", "imagenet-1k"):
         return "imagenet"
-    if "places205" in name or name == "places":
+    if name in ("places205", "places"):
         return "places205"
     return slug(name)
 
@@ -137,6 +141,19 @@ def input_mode_for(outline, choice: str) -> str:
     return _INPUT_MODE[choice]
 
 
+def resolve_protocol(args: argparse.Namespace, card) -> str:
+    """--protocol, or the deprecated --pool mapped (bilinear -> zhang, avg -> goyal, max -> max), or the
+    encoder card's default; the two options may not disagree."""
+    protocol = getattr(args, "protocol", None)
+    pool = getattr(args, "pool", None)
+    if pool is not None:
+        if protocol not in (None, LEGACY_POOL[pool]):
+            raise fail("--pool", pool, f"contradicts --protocol {protocol} (--pool {pool} is --protocol "
+                                       f"{LEGACY_POOL[pool]})")
+        protocol = LEGACY_POOL[pool]
+    return protocol or card.probe.protocol
+
+
 def resolve_settings(args: argparse.Namespace) -> dict:
     """Every setting of the run with its default filled in; UsageError on a bad option. Creates nothing."""
     ref = parse_checkpoint_ref(args.checkpoint, encoder=args.encoder)
@@ -168,7 +185,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "geometry": args.geometry,
         "layer": args.layer,
         "taps": resolve_taps(outline, args.layer),
-        "pool": args.pool,
+        "protocol": resolve_protocol(args, card),
         "input_mode": input_mode_for(outline, args.input),
         "data": str(data_root.resolve()),
         "builtin": builtin,

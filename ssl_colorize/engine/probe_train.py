@@ -64,8 +64,8 @@ class ProbeTraining:
         self.log_every = log_every
         self.guard = FrozenEncoderGuard(probe.encoder)
         self.optimizer = torch.optim.SGD(
-            probe.heads.parameters(), lr=settings["lr"], momentum=settings["momentum"],
-            weight_decay=settings["wd"], nesterov=settings["nesterov"],
+            probe.parameter_groups(settings["wd"]), lr=settings["lr"], momentum=settings["momentum"],
+            nesterov=settings["nesterov"],
         )
         batches = len(train_set) // settings["batch_size"]
         if settings["max_train_batches"]:
@@ -169,8 +169,8 @@ class ProbeTraining:
                 if state["batch_in_epoch"] >= self.batches_per_epoch:
                     break
                 lr = self.lr_at(state["step"])
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                for group in self.optimizer.param_groups:  # biases at lr x2 (MultiTapProbe.parameter_groups)
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
                 self.note_skipped(batch.skipped, f"epoch {epoch + 1}", state["step"] + 1)
                 stats = None
                 if batch.labels.numel() >= 2:  # a batch emptied by undecodable files is skipped, not fatal

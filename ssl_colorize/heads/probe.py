@@ -1,21 +1,12 @@
 """Frozen-layer linear probes (docs/protocols.md section 4): the heads of ``ssl_colorize.benchmarks.linear_probe``.
 
 One frozen forward pass of the encoder per batch feeds one classifier per tap; each classifier is
-*pool to about 9k dims -> BatchNorm1d without affine -> Linear(num_classes)* and the taps' losses are
-summed, so all taps train at once (the protocol's "one pass" design, as in VISSL / Goyal et al.).
+*pool to about 9k dims -> per-channel BatchNorm without affine -> Linear(num_classes)* and the taps'
+losses are summed, so all taps train at once (the released probe's "one pass" design, as in VISSL).
 
-Pooling (docs/protocols.md section 4; the published numbers differ between the variants, so the probe
-records which one ran):
-
-* ``avg``: average pooling with fixed kernels. The grid per tap comes from its channel count
-  (:func:`probe_grid`: about 9216 dims) and the kernel / stride from :func:`avg_pool_geometry`, a rule
-  that reproduces Goyal et al.'s fixed kernels for AlexNet at 227 (conv1 k19 s4 -> 10x10, conv2 k12 s3
-  -> 6x6, conv3 / conv4 k9 s1 -> 5x5, conv5 k8 s1 -> 6x6: 9600, 9216, 9600, 9600, 9216 dims) and
-  gives the ResNet-50 grids of Goyal et al. (conv1 12x12, res2 6x6, res3 4x4, res4 3x3, res5 2x2).
-* ``bilinear``: the map is bilinearly resized to the same grid (the split-brain paper's released
-  scripts); point-sampled interpolation without a prefilter, as Caffe's interpolation layers do.
-* ``max``: max pooling to the same grid (DeepCluster-style code). Adaptive windows, so every pixel of
-  the map falls in a window; DeepCluster's fixed kernels give the same grids at 224 / 227.
+Pooling follows one of three published protocols, ``zhang`` (Caffe's Resize layer, the released
+probe), ``goyal`` (fixed-kernel average pooling) and ``max`` (adaptive max pooling): see
+:mod:`ssl_colorize.heads.probe_pool`, whose API this module re-exports (:func:`pool_features`).
 
 Frozen means frozen (DESIGN.md, "Contracts"): the encoder stays in eval mode (BatchNorm statistics
 do not move), its parameters do not require gradients, its forward runs under ``torch.no_grad``, and
@@ -25,15 +16,14 @@ taken before training, raising RuntimeError naming the tensors that changed.
 The released AlexNet is probed with BatchNorm folded into the convolutions and Krähenbühl rescaling
 (docs/protocols.md section 3). Neither changes a probe's result here: a no-affine BatchNorm in eval mode is
 the per-channel affine map the fold would put into the convolution, and a positive per-layer scale is
-removed by the probe's own BatchNorm1d. The probe therefore uses the encoder as it is.
+removed by the probe's own per-channel BatchNorm. The probe therefore uses the encoder as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,110 +33,40 @@ from torch.utils.data import Dataset, Sampler
 from ssl_colorize.color import lab_to_rgb, rgb_to_lab
 from ssl_colorize.data.images import Sample, SkippedFile
 from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
+from ssl_colorize.heads.probe_pool import (  # the pooling API, re-exported
+    LEGACY_POOL, POOL_MODES, PROTOCOLS, TARGET_DIMS, TapPool, avg_pool_geometry, caffe_resize, caffe_resize_matrix,
+    pool_features, probe_grid, protocol_name, tap_pool,
+)
 
-#: Features per tap after pooling: "about 9k dims" (docs/protocols.md section 4); 9216 = 256 x 6 x 6.
-TARGET_DIMS = 9216
-POOL_MODES = ("avg", "bilinear", "max")
+__all__ = [
+    "LEGACY_POOL", "POOL_MODES", "PROTOCOLS", "TARGET_DIMS", "TapPool", "avg_pool_geometry", "caffe_resize",
+    "caffe_resize_matrix", "pool_features", "probe_grid", "protocol_name", "tap_pool",
+    "INPUT_MODES", "ProbeHead", "FrozenEncoderGuard", "resolve_input_mode", "encoder_input", "tap_shapes",
+    "MultiTapProbe", "evaluate", "SeededTrainCrops", "EpochSampler",
+]
+
 #: How the encoder's input is formed from an RGB crop. "auto": L for L encoders, RGB for RGB
 #: encoders; "rgb": RGB in [0, 1] (RGB encoders only); "grey": the crop's L channel shown as neutral
 #: grey RGB (a = b = 0), for an RGB encoder seeing exactly the information an L encoder sees.
 INPUT_MODES = ("auto", "rgb", "grey")
 
 
-# ----------------------------------------------------------------------------------------------
-# Pooling geometry
-# ----------------------------------------------------------------------------------------------
-
-def probe_grid(channels: int, map_size: Sequence[int], target_dims: int = TARGET_DIMS) -> tuple[int, int]:
-    """The pooled grid of a tap: side round(sqrt(target_dims / channels)), at most the map's size.
-
-    For AlexNet (96, 256, 384, 384, 256 channels) this is 10, 6, 5, 5, 6, the docs/protocols.md section 4
-    table; for ResNet-50 (64, 256, 512, 1024, 2048) 12, 6, 4, 3, 2, Goyal et al.'s grids.
-    """
-    if channels <= 0:
-        raise ValueError(f"probe_grid: channels must be positive, got {channels}")
-    side = max(1, math.floor(math.sqrt(target_dims / channels) + 0.5))
-    height, width = int(map_size[0]), int(map_size[1])
-    return min(side, height), min(side, width)
-
-
-def avg_pool_geometry(size: int, grid: int) -> tuple[int, int]:
-    """(kernel, stride) of an average pooling taking a side of ``size`` to ``grid`` outputs.
-
-    stride = max(1, ceil(size / grid) - 2) and kernel = size - (grid - 1) * stride: overlapping windows
-    that together cover the whole map, the last one ending on its border. This reproduces Goyal et
-    al.'s fixed AlexNet kernels at 227 (55 -> 10: k19 s4; 27 -> 6: k12 s3; 13 -> 5: k9 s1;
-    13 -> 6: k8 s1). ``grid == size`` is the identity (k1 s1).
-    """
-    if not 1 <= grid <= size:
-        raise ValueError(f"avg_pool_geometry: grid {grid} must lie in [1, {size}] for a map side of {size}")
-    if grid == size:
-        return 1, 1
-    stride = max(1, math.ceil(size / grid) - 2)
-    kernel = size - (grid - 1) * stride
-    return kernel, stride
-
-
-class TapPool(nn.Module):
-    """Reduce a (N, C, H, W) tap to (N, C, gh, gw) by ``mode`` in {"avg", "bilinear", "max"}."""
-
-    def __init__(self, mode: str, map_size: Sequence[int], grid: Sequence[int]) -> None:
-        super().__init__()
-        if mode not in POOL_MODES:
-            raise ValueError(f"pool must be one of {POOL_MODES}, got {mode!r}")
-        self.mode = mode
-        self.map_size = (int(map_size[0]), int(map_size[1]))
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.kernel: tuple[int, int] | None = None
-        self.stride: tuple[int, int] | None = None
-        if mode == "avg":
-            (kh, sh), (kw, sw) = (avg_pool_geometry(n, g) for n, g in zip(self.map_size, self.grid))
-            self.kernel, self.stride = (kh, kw), (sh, sw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.map_size:
-            raise ValueError(
-                f"TapPool built for {self.map_size[0]}x{self.map_size[1]} maps got {x.shape[-2]}x{x.shape[-1]}: "
-                "train and test crops must have the same size"
-            )
-        if self.mode == "avg":
-            return F.avg_pool2d(x, self.kernel, self.stride)
-        if self.mode == "bilinear":
-            return F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=False)
-        return F.adaptive_max_pool2d(x, self.grid)
-
-    def describe(self) -> dict:
-        out = {"pool": self.mode, "map": list(self.map_size), "grid": list(self.grid)}
-        if self.kernel is not None:
-            out.update(kernel=list(self.kernel), stride=list(self.stride))
-        return out
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
-
-
 class ProbeHead(nn.Module):
-    """One tap's linear classifier: pool -> flatten -> BatchNorm1d(affine=False) -> Linear.
+    """One tap's linear classifier: pool -> BatchNorm2d(channels, affine=False) -> flatten -> Linear.
 
-    The Linear starts from N(0, 0.01) weights and zero bias (Goyal et al.'s linear heads).
+    The normalisation is per channel (96 statistics at AlexNet conv1), as the released probe's Caffe
+    ``BatchNorm`` on the pooled 4-D blob, FSSB and VISSL normalise. ``pool``: a :class:`TapPool`
+    (see :func:`tap_pool`). The Linear starts from N(0, 0.01) weights and zero bias.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        map_size: Sequence[int],
-        num_classes: int,
-        pool: str = "avg",
-        target_dims: int = TARGET_DIMS,
-    ) -> None:
+    def __init__(self, pool: TapPool, channels: int, num_classes: int) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a linear probe needs at least 2 classes, got {num_classes}")
-        grid = probe_grid(channels, map_size, target_dims)
         self.channels = int(channels)
-        self.pool = TapPool(pool, map_size, grid)
-        self.feature_dim = self.channels * grid[0] * grid[1]
-        self.bn = nn.BatchNorm1d(self.feature_dim, affine=False)
+        self.pool = pool
+        self.feature_dim = self.channels * pool.grid[0] * pool.grid[1]
+        self.bn = nn.BatchNorm2d(self.channels, affine=False)
         self.fc = nn.Linear(self.feature_dim, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
@@ -156,7 +76,7 @@ class ProbeHead(nn.Module):
         return torch.flatten(self.pool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.bn(self.features(x)))
+        return self.fc(torch.flatten(self.bn(self.pool(x)), 1))
 
     def describe(self) -> dict:
         return {**self.pool.describe(), "channels": self.channels, "feature_dim": self.feature_dim}
@@ -263,6 +183,16 @@ def encoder_input(images: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown input mode {mode!r}; expected 'L', 'rgb' or 'grey'")
 
 
+def _card_or_none(encoder: nn.Module):
+    """The encoder's card when it was built by ``create_model``, else None (the pooling rules apply)."""
+    from ssl_colorize.models.cards import card_of
+
+    try:
+        return card_of(encoder)
+    except ValueError:
+        return None
+
+
 @torch.no_grad()
 def tap_shapes(encoder: nn.Module, taps: Iterable[str], crop: int, input_mode: str = "L") -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of each tap for a ``crop`` x ``crop`` input, from one dry forward in eval mode.
@@ -302,27 +232,40 @@ class MultiTapProbe(nn.Module):
         taps: Iterable[str],
         num_classes: int,
         crop: int,
-        pool: str = "avg",
+        protocol: str | None = None,
         input_mode: str = "auto",
         target_dims: int = TARGET_DIMS,
+        *,
+        pool: str | None = None,
     ) -> None:
+        """``protocol``: "zhang", "goyal" or "max" (an old pool name is accepted, also as ``pool=``);
+        default: the encoder card's (``card.probe.protocol``), "zhang" for an encoder without a card."""
         super().__init__()
-        if pool not in POOL_MODES:
-            raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+        card = _card_or_none(encoder)
+        chosen = protocol or pool or (card.probe.protocol if card is not None else "zhang")
+        self.protocol = protocol_name(chosen)
         self.encoder = encoder.eval()
         self.encoder.requires_grad_(False)
         self.taps = encoder.resolve_taps(list(taps))
         self.input_mode = resolve_input_mode(encoder, input_mode)
         self.crop = int(crop)
-        self.pool_mode = pool
         self.num_classes = int(num_classes)
         self.shapes = tap_shapes(encoder, self.taps, self.crop, self.input_mode)
         self.heads = nn.ModuleDict(
             {
-                tap: ProbeHead(c, (h, w), num_classes, pool=pool, target_dims=target_dims)
+                tap: ProbeHead(tap_pool(self.protocol, tap, c, (h, w), card, target_dims), c, num_classes)
                 for tap, (c, h, w) in self.shapes.items()
             }
         )
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """SGD groups as the released probe's prototxt sets its InnerProduct layers: weights lr x1,
+        decay x1; biases lr x2, decay 0 (``param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2
+        decay_mult: 0 }``). ``lr_mult`` is read by the trainer when it sets the learning rate."""
+        weights = [head.fc.weight for head in self.heads.values()]
+        biases = [head.fc.bias for head in self.heads.values()]
+        return [{"params": weights, "lr_mult": 1.0, "weight_decay": weight_decay},
+                {"params": biases, "lr_mult": 2.0, "weight_decay": 0.0}]
 
     def train(self, mode: bool = True) -> "MultiTapProbe":
         """Heads follow ``mode``; the encoder stays in eval mode (its BatchNorm statistics must not move)."""

@@ -76,7 +76,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UsageError(f"{path}: no such sweep file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: a folder, not a sweep file") from None

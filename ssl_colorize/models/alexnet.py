@@ -117,6 +117,15 @@ class AlexNetLab(Encoder):
         return f"geometry={self.geometry!r}, input_space={self.input_space!r}"
 
 
+# The linear probe's grids per tap (protocol "zhang": the Resize layers of the released
+# feature_learning_tests/linear/train_val.prototxt; "max" uses the same grids) and Goyal et al.'s
+# fixed average-pooling kernels at 227 px (protocol "goyal": (kernel, stride, padding)); docs/protocols.md
+# section 4.
+ALEXNET_PROBE_GRIDS = {"conv1": 10, "conv2": 6, "conv3": 5, "conv4": 5, "conv5": 6}
+ALEXNET_GOYAL_POOLS = {"conv1": (19, 4, 0), "conv2": (12, 3, 0), "conv3": (9, 1, 0), "conv4": (9, 1, 0),
+                       "conv5": (8, 1, 0)}
+
+
 # The released solver (models/alexnet_lab/solver.prototxt ... see docs/protocols.md section 3): 180 px
 # crops, batch 80, Adam (0.9, 0.999), wd 1e-3, lr 3e-5 -> 1e-5 -> 3e-6 -> 1e-6 at 240k / 300k / 400k,
 # 450k iterations. Transfer as CaffeNet (227 px, the "transfer" geometry: same weights).
@@ -131,7 +140,9 @@ ALEXNET_LAB_CARD = EncoderCard(
     # there (200 x 32 took 17 min).
     pretrain_builtin=PretrainRecipe(64, 16, 90, 1e-3, (63, 81), (0.3, 0.1), (0.9, 0.999), 1e-3, resize=80,
                                     source="built-in default"),
-    probe=ProbeDefaults(crop=227, weight_decay=5e-4),
+    # Probe: the released probe (protocol "zhang") is the paper's own.
+    probe=ProbeDefaults(crop=227, weight_decay=5e-4, protocol="zhang", grids=ALEXNET_PROBE_GRIDS,
+                        avg_pools=ALEXNET_GOYAL_POOLS),
     transfer=TransferDefaults(
         crop=227, feature_tap="fc7", detection_tap="conv5", detection_head_stages=("fc6", "fc7"), detection_roi=6,
         segmentation_tap="fc7", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None},

@@ -33,11 +33,19 @@ class PretrainRecipe:
 
 @dataclass(frozen=True)
 class ProbeDefaults:
-    """Linear-probe defaults on real data: crop side, weight decay, pooling protocol."""
+    """Linear-probe defaults on real data (docs/protocols.md section 4; ssl_colorize.heads.probe_pool).
+
+    ``protocol``: the default of ``--protocol`` ("zhang", "goyal" or "max"); ``grids``: tap -> side of
+    the pooled grid of "zhang" and "max" (and the grid "goyal"'s kernel must reach); ``avg_pools``:
+    tap -> (kernel, stride, padding) of "goyal" at ``crop``. A tap missing from either falls back to
+    the rules of ssl_colorize.heads.probe_pool (about 9216 features).
+    """
 
     crop: int
     weight_decay: float
-    protocol: str = "bilinear"
+    protocol: str = "zhang"
+    grids: dict[str, int] = field(default_factory=dict)
+    avg_pools: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,11 @@ COLORNET_CARD = EncoderCard(
                             source="released colorization solver"),
     pretrain_builtin=PretrainRecipe(64, 8, 150, 3e-4, (100, 130), (0.3, 0.1), (0.9, 0.99), 1e-3, resize=80,
                                     source="built-in default"),
-    probe=ProbeDefaults(crop=224, weight_decay=5e-4),
+    # Probe: "zhang", the released probe of the colorization paper this network comes from; its Resize
+    # needs only a grid per tap (no published fixed kernels exist for this network, so "goyal" would be
+    # our own rule). Grids keep about 9216 features per tap (64 x 12 x 12 ... 512 x 4 x 4).
+    probe=ProbeDefaults(crop=224, weight_decay=5e-4, protocol="zhang",
+                        grids={"conv1": 12, "conv2": 8, "conv3": 6, "conv4": 4, "conv5": 4}),
     transfer=TransferDefaults(
         crop=224, feature_tap="conv5", detection_tap=None, detection_head_stages=(), detection_roi=0,
         segmentation_tap="conv5", scopes={"fc8": (), "fc6-8": ("conv5",), "all": None}),

@@ -2,10 +2,12 @@
 
 ``resnet50_lab``: timm's ResNet-50 built with ``pretrained=False`` (nothing is ever downloaded), one
 input channel, no classifier. Its modules are re-registered under stage names (conv1, maxpool, res2..res5)
-so the state_dict reads ``res2.0.conv1.weight`` etc. With ``stride1_last_stage=True`` (default, Goyal
-et al.: res5 at 14x14 for 224) res5 runs at stride 16, using timm's ``output_stride=16``: res5's
-downsampling is replaced by dilation 2 in its 3x3 convs (the first block keeps dilation 1), so res5's
-receptive field still grows. A 1x1 conv 2048 -> 313 is the pretext head.
+so the state_dict reads ``res2.0.conv1.weight`` etc. With ``stride1_last_stage=True`` (default) res5
+runs at stride 16 as Goyal et al. and VISSL run it (``LAYER4_STRIDE: 1`` in VISSL's configs;
+docs/protocols.md section 3): the first res5 block's 3x3 conv and its shortcut take stride 1 and
+nothing is dilated, so res5 is 14x14 at 224. (timm's ``output_stride=16`` would instead dilate res5's
+later convs, which is not their network.) The weights' shapes are those of the stride-2 ResNet-50.
+A 1x1 conv 2048 -> 313 is the pretext head.
 
 Taps: conv1 is the stem after conv + BN + ReLU and *before* the max-pool (64 channels, stride 2:
 112x112 at 224), consistent with the AlexNet taps, which are read before their pools; res2..res5 are
@@ -36,8 +38,9 @@ class ResNet50Lab(Encoder):
             in_chans=1,
             num_classes=0,
             global_pool="",
-            output_stride=16 if stride1_last_stage else 32,
         )
+        if stride1_last_stage:
+            _undo_stage_stride(trunk.layer4)
         self.conv1 = nn.Sequential(OrderedDict(conv=trunk.conv1, bn=trunk.bn1, act=trunk.act1))
         self.maxpool = trunk.maxpool
         self.res2 = trunk.layer1
@@ -61,7 +64,19 @@ class ResNet50Lab(Encoder):
         self.stride1_last_stage = stride1_last_stage
 
 
-# Recipes: ../docs/protocols.md; there is no released colorization recipe for ResNet-50, so the
+def _undo_stage_stride(stage: nn.Sequential) -> None:
+    """Stride 1 in the stage's first block (its 3x3 conv and its 1x1 shortcut), with no dilation."""
+    first = stage[0]
+    first.conv2.stride = (1, 1)
+    if first.downsample is not None:
+        for module in first.downsample.modules():
+            if isinstance(module, nn.Conv2d):
+                module.stride = (1, 1)
+            elif isinstance(module, nn.AvgPool2d):  # timm's avg_down variant: no pooling at stride 1
+                raise ValueError("resnet50_lab: an average-pool shortcut cannot run at stride 1")
+
+
+# Recipes: docs/protocols.md; there is no released colorization recipe for ResNet-50, so the
 # AlexNet solver at 224 px, batch 64, wd 1e-4 (usual for ResNets). Probe: Goyal et al. (wd 1e-4).
 RESNET50_LAB_CARD = EncoderCard(
     name="resnet50_lab",
@@ -70,7 +85,13 @@ RESNET50_LAB_CARD = EncoderCard(
                             (0.9, 0.999), 1e-4, source="no released recipe: the AlexNet solver at 224 px, wd 1e-4"),
     pretrain_builtin=PretrainRecipe(64, 16, 150, 3e-4, (100, 130), (0.3, 0.1), (0.9, 0.999), 1e-4, resize=80,
                                     source="built-in default"),
-    probe=ProbeDefaults(crop=224, weight_decay=1e-4),
+    # Probe: Goyal et al. / VISSL's average pooling at 224 px, (kernel, stride, padding) per tap
+    # (docs/protocols.md section 4); res5 runs at stride 16 as in VISSL (14x14 at 224), so k12 s2 gives
+    # its 2x2.
+    probe=ProbeDefaults(crop=224, weight_decay=1e-4, protocol="goyal",
+                        grids={"conv1": 12, "res2": 6, "res3": 4, "res4": 3, "res5": 2},
+                        avg_pools={"conv1": (10, 10, 4), "res2": (16, 8, 0), "res3": (13, 5, 0), "res4": (8, 3, 0),
+                                   "res5": (12, 2, 0)}),
     transfer=TransferDefaults(
         crop=224, feature_tap="res5", detection_tap="res4", detection_head_stages=("res5",), detection_roi=14,
         segmentation_tap="res5", scopes={"fc8": (), "fc6-8": ("res5",), "all": None}),

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from ssl_colorize.models.base import Encoder, Tap
+from ssl_colorize.models.alexnet import ALEXNET_GOYAL_POOLS, ALEXNET_PROBE_GRIDS
 from ssl_colorize.models.cards import EncoderCard, ProbeDefaults, TransferDefaults
 from ssl_colorize.models.registry import register_model
 
@@ -97,7 +98,9 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 ALEXNET_RGB_TORCHVISION_CARD = EncoderCard(
     name="alexnet_rgb_torchvision",
     family="alexnet",
-    probe=ProbeDefaults(crop=227, weight_decay=5e-4),
+    # Probe: as the AlexNet-Lab card, so supervised and colorization AlexNets are probed alike.
+    probe=ProbeDefaults(crop=227, weight_decay=5e-4, protocol="zhang", grids=ALEXNET_PROBE_GRIDS,
+                        avg_pools=ALEXNET_GOYAL_POOLS),
     transfer=TransferDefaults(
         crop=227, feature_tap="fc7", detection_tap="conv5", detection_head_stages=("fc6", "fc7"), detection_roi=6,
         segmentation_tap="conv5", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None}),

@@ -32,7 +32,9 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     parser.add_argument("--benchmark", default=None, help="e.g. linear_probe, voc_classification")
     parser.add_argument("--dataset", default=None, help="e.g. imagenet, builtin-shapes")
     parser.add_argument("--metric", default=None, help="e.g. top1")
-    parser.add_argument("--protocol", default=None, help="only our rows of this protocol, e.g. linear-avg")
+    parser.add_argument("--protocol", default=None,
+                        help="only this protocol, ours and published, e.g. zhang, goyal, max, 10crop "
+                             "(old names such as linear-avg are read as today's)")
     parser.add_argument("--encoder", default=None, help="only our rows of this encoder, e.g. alexnet_lab")
     parser.add_argument("--published", default=None,
                         help="published rows (default: the package's ssl_colorize/results/published.csv)")
@@ -81,6 +83,8 @@ def main(args) -> int:
         print(format_table(table, title) + "\n")
     if args.png:
         drawable = [(t, tb) for t, tb in tables if len([c for c in value_columns(tb) if c != "best"]) > 1]
+        if any((tb["kind"] == "ours").any() for _, tb in drawable):  # ours against the published of its protocol
+            drawable = [(t, tb) for t, tb in drawable if (tb["kind"] == "ours").any()]
         base = Path(args.png)
         for title, table in drawable:
             suffixed = base.with_name(f"{base.stem}_{_slug_title(title)}{base.suffix or '.png'}")

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ssl_colorize.atomic import atomic_write
-from ssl_colorize.results.tables import value_columns
+from ssl_colorize.results.tables import row_label, value_columns
 
 
 def plot_accuracy_vs_layer(table: pd.DataFrame, png_path: str | os.PathLike, title: str = "") -> Path:
@@ -26,7 +26,7 @@ def plot_accuracy_vs_layer(table: pd.DataFrame, png_path: str | os.PathLike, tit
         y = [float(row[c]) if not pd.isna(row[c]) else float("nan") for c in layers]
         ours = row["kind"] == "ours"
         ax.plot(x, y, marker="o" if ours else ".", linestyle="-" if ours else "--", linewidth=2 if ours else 1,
-                alpha=1.0 if ours else 0.7, label=f"{row['method']} [{row['protocol']}]")
+                alpha=1.0 if ours else 0.7, label=row_label(row["method"], row["protocol"]))
     ax.set_xticks(x, layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("accuracy (%)")

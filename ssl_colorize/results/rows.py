@@ -61,6 +61,11 @@ HEADER = ",".join(COLUMNS)
 _READ_DTYPES = {f.name: {"str": str, "int": "Int64", "float": float}[f.type] for f in fields(ResultRow)}
 #: The per-run folder of a table is the table's name with this suffix: linear_probe.csv.d/
 PARTS_SUFFIX = ".d"
+#: The linear-probe protocols (docs/protocols.md section 4; ssl_colorize.heads.probe_pool): the released
+#: probe's Caffe Resize, Goyal et al.'s fixed-kernel average pooling, DeepCluster-style max pooling.
+PROBE_PROTOCOLS = ("zhang", "goyal", "max")
+#: Protocol names older result files carry -> today's names (read_rows and the tables map them).
+LEGACY_PROTOCOLS = {"linear-bilinear": "zhang", "linear-avg": "goyal", "linear-max": "max"}
 
 _calls = itertools.count()  # numbers this process's append_rows calls (a forked child has its own pid)
 
@@ -71,6 +76,23 @@ def code_version() -> str:
     import ssl_colorize
 
     return ssl_colorize.__version__
+
+
+def canonical_protocol(name: str) -> str:
+    """Today's name of a protocol: an old linear-probe name (``linear-avg`` ...) mapped, others as they are."""
+    return LEGACY_PROTOCOLS.get(name, name)
+
+
+def with_canonical_protocols(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with old protocol names mapped to today's (a copy when anything changes)."""
+    if "protocol" not in frame.columns or not len(frame):
+        return frame
+    old = frame["protocol"].isin(list(LEGACY_PROTOCOLS))
+    if not old.any():
+        return frame
+    frame = frame.copy()
+    frame.loc[old, "protocol"] = frame.loc[old, "protocol"].map(LEGACY_PROTOCOLS)
+    return frame
 
 
 def make_row(hparams: dict[str, Any] | str | None = None, **values: Any) -> ResultRow:
@@ -144,7 +166,8 @@ def has_rows(csv_path: str | os.PathLike) -> bool:
 
 def read_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
     """All rows of one or more results tables (each: its main CSV and its per-run files; missing ones
-    are skipped) as one DataFrame, in the order they were written.
+    are skipped) as one DataFrame, in the order they were written. Old protocol names are mapped to
+    today's (:data:`LEGACY_PROTOCOLS`), so result files written before the rename read the same.
 
     Raises ValueError naming a file that is not a results table.
     """
@@ -172,7 +195,7 @@ def read_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
     flush()
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
-    return pd.concat(frames, ignore_index=True)
+    return with_canonical_protocols(pd.concat(frames, ignore_index=True))
 
 
 def find_tables(folder: str | os.PathLike) -> list[Path]:

@@ -84,7 +84,7 @@ def run_section(args, device: torch.device, common: dict, report: Report) -> Non
     for data, description in DATA.items():
         one, five = results[(data, "one_pass")], results[(data, "single_tap")]
         settings = {"encoder": args.probe_encoder, "crop": args.probe_crop, "batch": batch, "classes": args.probe_classes,
-                    "steps": steps, "warmup": warmup, "taps": one["taps"], "pool": "avg",
+                    "steps": steps, "warmup": warmup, "taps": one["taps"], "protocol": "card default",
                     "heads": "ssl_colorize.heads.probe.MultiTapProbe / ProbeHead", "data": description}
         ratio = five["ms_per_step"] / one["ms_per_step"]
         report.add("probe", f"single_tap (five runs, {data})", settings, five, 1.0)
