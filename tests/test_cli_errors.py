@@ -86,6 +86,21 @@ for _name in ("voc_classification", "voc_detection", "voc_segmentation"):
         (f"ssl_colorize.benchmarks.{_name}", ["--lr", "-1"], "--lr"),
     ]
 
+# An output that cannot be written stops every command that writes result rows, before any model is
+# built or data read (issue 16: it used to fail after the whole run).
+UNWRITABLE_CSV = ["--out-csv", f"{MISSING}/rows.csv"]
+for _group, _module, _argv in [
+    ("pretrain", "ssl_colorize.pretrain", []),
+    ("linear_probe", "ssl_colorize.benchmarks.linear_probe", RANDOM),
+    ("voc_classification", "ssl_colorize.benchmarks.voc_classification", []),
+    ("voc_detection", "ssl_colorize.benchmarks.voc_detection", []),
+    ("voc_segmentation", "ssl_colorize.benchmarks.voc_segmentation", []),
+    ("voc_svm", "ssl_colorize.benchmarks.voc_svm", RANDOM),
+    ("colorization_quality", "ssl_colorize.benchmarks.colorization_quality", RANDOM),
+    ("throughput", "ssl_colorize.benchmarks.throughput", []),
+]:
+    CASES[_group].append((_module, [*_argv, *UNWRITABLE_CSV], "--out-csv"))
+
 PARAMS = [pytest.param(module, argv, option, id=f"{group}:{' '.join(argv)[:50]}")
           for group, cases in CASES.items() for module, argv, option in cases]
 

@@ -123,8 +123,8 @@ def test_cli_bad_options_and_paths_exit_2_with_one_line(study_dir, tmp_path, mon
     blocker.write_text("")
     build = ["build", "--checkpoint", "random:colornet", "--out"]
     for argv, expected in (
-        ([*build, str(tmp_path / "s"), "--size", "4"], "image size must be at least 8"),
-        ([*build, str(tmp_path / "s"), "--attention-rate", "1.5"], "attention_rate"),
+        ([*build, str(tmp_path / "s"), "--size", "4"], "--size 4: must be >= 8"),
+        ([*build, str(tmp_path / "s"), "--attention-rate", "1.5"], "--attention-rate 1.5: must be in [0, 1)"),
         ([*build, str(tmp_path / "s"), "--temperature", "0"], "--temperature 0.0: must be > 0"),
         ([*build, str(tmp_path / "s"), "--photos", str(tmp_path / "nope")], "--photos"),
         ([*build, str(tmp_path / "s"), "--arm-name", "a", "b"], "--arm-name a b: 2 names for 1 checkpoints"),

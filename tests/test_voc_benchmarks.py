@@ -20,6 +20,7 @@ from ssl_colorize.data.builtin_voc import make_voc_fixture
 from ssl_colorize.data.voc import VOC_CLASSES, load_main_split
 from ssl_colorize.engine.finetune import UntouchedGuard, finetune_modules
 from ssl_colorize.engine.transfer_run import resolve_input, to_model_input
+from ssl_colorize.engine import transfer_run
 from ssl_colorize.heads import detection, segmentation
 from ssl_colorize.models import create_model
 from ssl_colorize.results import load_published, paper_table, read_rows
@@ -312,6 +313,7 @@ def test_tensorboard_gets_the_logged_scalars(voc, tmp_path, monkeypatch):
             written.append(("closed", None))
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setattr(transfer_run, "check_tensorboard", lambda: None)  # the package itself is optional
     cls_bench.cli(common(voc, tmp_path, "--finetune", "fc8", "--iters", 2, "--batch-size", 2, "--test-crops", 1,
                          "--eval-batch-size", 6, "--log-every", 1, "--tensorboard"))
     assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard"))

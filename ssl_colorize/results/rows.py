@@ -64,6 +64,9 @@ PARTS_SUFFIX = ".d"
 #: The linear-probe protocols (docs/protocols.md section 4; ssl_colorize.heads.probe_pool): the released
 #: probe's Caffe Resize, Goyal et al.'s fixed-kernel average pooling, DeepCluster-style max pooling.
 PROBE_PROTOCOLS = ("zhang", "goyal", "max")
+#: Probe protocols that only published rows carry: the ECCV 2016 paper's own probe average-pooled (the
+#: released README: "instead of average pooling, we do bilinear resizing here"), which no --protocol runs.
+PUBLISHED_ONLY_PROBE_PROTOCOLS = ("zhang_eccv16_avg",)
 #: Protocol names older result files carry -> today's names (read_rows and the tables map them).
 LEGACY_PROTOCOLS = {"linear-bilinear": "zhang", "linear-avg": "goyal", "linear-max": "max"}
 

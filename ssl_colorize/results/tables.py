@@ -20,7 +20,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ssl_colorize.results.rows import PROBE_PROTOCOLS, canonical_protocol, with_canonical_protocols
+from ssl_colorize.results.rows import (
+    PROBE_PROTOCOLS, PUBLISHED_ONLY_PROBE_PROTOCOLS, canonical_protocol, with_canonical_protocols,
+)
 
 PUBLISHED_COLUMNS = ["method", "benchmark", "dataset", "split", "encoder", "tap", "metric", "value", "protocol",
                      "tag", "source", "note"]
@@ -74,8 +76,9 @@ def published_problems(table: pd.DataFrame) -> list[str]:
             if not str(row[column]).strip():
                 problems.append(f"{where}: empty {column}")
         named = str(row["protocol"]).strip()
-        if row["benchmark"] == "linear_probe" and named and named not in PROBE_PROTOCOLS:
-            problems.append(f"{where}: protocol {row['protocol']!r} is not one of {PROBE_PROTOCOLS}")
+        known = PROBE_PROTOCOLS + PUBLISHED_ONLY_PROBE_PROTOCOLS
+        if row["benchmark"] == "linear_probe" and named and named not in known:
+            problems.append(f"{where}: protocol {row['protocol']!r} is not one of {known}")
         source = str(row["source"])
         years = _YEAR.findall(source)  # one publication, one year: "A 2016 ... B 2016" names two
         if source.strip() and (len(years) != 1 or " and " in source or " & " in source

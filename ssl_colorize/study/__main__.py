@@ -70,7 +70,8 @@ def get_args_parser() -> ArgumentParser:
 def _protocol(args: argparse.Namespace) -> Protocol:
     check_number("--practice", args.practice, minimum=0)
     check_number("--test", args.test, minimum=1)
-    check_number("--attention-rate", args.attention_rate, minimum=0, maximum=0.99)
+    if not 0 <= args.attention_rate < 1:
+        raise fail("--attention-rate", args.attention_rate, "must be in [0, 1): a share of each block")
     check_number("--display-ms", args.display_ms, minimum=1)
     check_number("--size", args.size, minimum=8)
     try:
