@@ -81,7 +81,7 @@ def test_builtin_run_leaves_checkpoint_log_preview_and_snapshots(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "s/step measured over steps 2-4" in printed and "for the 2 steps left" in printed  # the time it takes
     assert f"checkpoint {out / 'checkpoint.pth'}" in printed  # where the result is, and what to run next
-    assert f"linear_probe.py --checkpoint {out / 'checkpoint.pth'}" in printed
+    assert f"ssl_colorize.benchmarks.linear_probe --checkpoint {out / 'checkpoint.pth'}" in printed
     assert (out / "checkpoint.pth").is_file() and (out / "config.json").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]

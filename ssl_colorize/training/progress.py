@@ -81,5 +81,5 @@ class Progress:
 
 def next_steps(checkpoint: Path) -> list[str]:
     """The commands a finished pretraining leads to, with its checkpoint filled in."""
-    return [f"python benchmarks/linear_probe.py --checkpoint {checkpoint}    # probe its features",
+    return [f"python -m ssl_colorize.benchmarks.linear_probe --checkpoint {checkpoint}    # probe its features",
             f"python -m ssl_colorize.colorize IMAGE... --checkpoint {checkpoint}    # colorize photos"]
