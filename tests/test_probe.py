@@ -22,14 +22,8 @@ from ssl_colorize import results
 from ssl_colorize.benchmarks import linear_probe
 from ssl_colorize.engine.cli import UsageError
 from ssl_colorize.models import create_model
-from ssl_colorize.heads.probe import (
-    FrozenEncoderGuard,
-    MultiTapProbe,
-    TapPool,
-    avg_pool_geometry,
-    encoder_input,
-    probe_grid,
-)
+from ssl_colorize.heads.probe import FrozenEncoderGuard, MultiTapProbe, encoder_input
+from ssl_colorize.heads.probe_pool import TapPool, avg_pool_geometry, probe_grid
 
 CLASSES = ("apple", "boat", "cloud")
 

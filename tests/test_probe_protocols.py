@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ssl_colorize.benchmarks import linear_probe
-from ssl_colorize.heads.probe import MultiTapProbe, caffe_resize, pool_features
+from ssl_colorize.heads.probe import MultiTapProbe
+from ssl_colorize.heads.probe_pool import caffe_resize, pool_features
 from ssl_colorize.models import create_model
 
 from test_probe import make_imagefolder

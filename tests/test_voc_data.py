@@ -15,18 +15,20 @@ from ssl_colorize.data.voc import (
     SkippedItem,
     VOCDataError,
     VOCImages,
-    VOCSegmentation,
     boxes_to_continuous,
     boxes_to_inclusive,
     classification_targets,
     find_devkit,
     load_main_split,
+    parse_annotation,
+    voc_palette,
+)
+from ssl_colorize.data.voc_segmentation import (
+    VOCSegmentation,
     load_sbd_split,
     load_segmentation_split,
-    parse_annotation,
     read_mask,
     read_png_mask,
-    voc_palette,
 )
 
 SIZE = (48, 64)
@@ -245,15 +247,6 @@ def test_builtin_voc_is_written_once_into_the_cache(monkeypatch, tmp_path):
     assert ensure_builtin_voc() == root  # second call: reused, not regenerated
     assert (root / "VOCdevkit" / "VOC2007" / "Annotations" / "000001.xml").stat().st_mtime_ns == stamp
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
-
-
-def test_segmentation_readers_live_in_their_module_and_stay_importable_from_voc():
-    from ssl_colorize.data import voc, voc_segmentation
-
-    assert voc.VOCSegmentation is voc_segmentation.VOCSegmentation
-    assert voc.load_sbd_split is voc_segmentation.load_sbd_split
-    with pytest.raises(AttributeError):
-        voc.not_a_name  # noqa: B018
 
 
 def test_detection_images_mirror_their_boxes(fixture):

@@ -40,7 +40,8 @@ from ssl_colorize.engine.probe_settings import (
 )
 from ssl_colorize.engine.probe_train import ProbeTraining, format_lr
 from ssl_colorize.engine.run import RunFolder, add_run_args, check_run_folder
-from ssl_colorize.heads.probe import LEGACY_POOL, PROTOCOLS, MultiTapProbe
+from ssl_colorize.heads.probe import MultiTapProbe
+from ssl_colorize.heads.probe_pool import LEGACY_POOL, PROTOCOLS
 
 #: The old --input-mode spelling (still accepted, hidden) -> --input.
 DEPRECATED_INPUT_MODES = {"auto": "auto", "rgb": "rgb", "grey": "grey-rgb"}

@@ -39,8 +39,7 @@ from ssl_colorize.engine.transfer_run import (
     PAD_RGB, add_common_args, checkpoint_ref, dataset_name, resolve_data, resolve_input, validate_common,
 )
 from ssl_colorize.engine.run import RunFolder, seed_everything
-from ssl_colorize.heads.probe import POOL_MODES
-from ssl_colorize.heads.probe_pool import protocol_name
+from ssl_colorize.heads.probe_pool import POOL_MODES, protocol_name
 from ssl_colorize.heads.svm import DEFAULT_COSTS, DEFAULT_MAX_ITER, POSITIVE_WEIGHT, parse_costs, train_all_classes
 from ssl_colorize.heads.svm_features import cache_path, cached_features, checkpoint_identity, extract_features
 from ssl_colorize.models import create_model

@@ -425,18 +425,3 @@ class DetectionImages(VOCImages):
             boxes = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
         return image, {"boxes": boxes, "labels": labels}, index
 
-
-#: Names that live in ssl_colorize.data.voc_segmentation, importable from here as before.
-_SEGMENTATION_NAMES = (
-    "check_mask", "read_png_mask", "read_sbd_mask", "read_mask", "SegmentationRecord", "load_segmentation_split",
-    "find_sbd", "load_sbd_split", "VOCSegmentation", "PairedCropFlip",
-)
-
-
-def __getattr__(name: str):
-    # Imported lazily: voc_segmentation imports this module, so an import at the top would be circular.
-    if name in _SEGMENTATION_NAMES:
-        from ssl_colorize.data import voc_segmentation
-
-        return getattr(voc_segmentation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

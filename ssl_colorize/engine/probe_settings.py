@@ -21,7 +21,8 @@ from ssl_colorize.checkpoint_ref import parse_checkpoint_ref
 from ssl_colorize.data import EvalTransform, ImageFiles
 from ssl_colorize.data.builtin import SHAPES_VERSION, cache_dir
 from ssl_colorize.engine.cli import UsageError, check_input_dir, check_input_file, fail
-from ssl_colorize.heads.probe import LEGACY_POOL, SeededTrainCrops, resolve_input_mode, tap_shapes
+from ssl_colorize.heads.probe import SeededTrainCrops, resolve_input_mode, tap_shapes
+from ssl_colorize.heads.probe_pool import LEGACY_POOL
 from ssl_colorize.models import create_model
 from ssl_colorize.models.cards import get_card
 

@@ -18,9 +18,11 @@ Typical use::
         run.write_config(cfg)
         state = run.load_checkpoint()          # None on a fresh start
         start = state["step"] if state else 0  # run.log drops records past it (no duplicates)
-        ...
-        run.log({"step": step, "loss": loss})
-        run.save_checkpoint({..., "step": step})
+        for step in range(start + 1, total + 1):
+            loss = train_one_step()
+            run.log({"step": step, "loss": loss})
+            if step % every == 0:
+                run.save_checkpoint({"model": model.state_dict(), "step": step, "rng": rng_state()})
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ losses are summed, so all taps train at once (the released probe's "one pass" de
 
 Pooling follows one of three published protocols, ``zhang`` (Caffe's Resize layer, the released
 probe), ``goyal`` (fixed-kernel average pooling) and ``max`` (adaptive max pooling): see
-:mod:`ssl_colorize.heads.probe_pool`, whose API this module re-exports (:func:`pool_features`).
+:mod:`ssl_colorize.heads.probe_pool`, whose public :func:`pool_features` this module exports too.
 
 Frozen means frozen (DESIGN.md, "Contracts"): the encoder stays in eval mode (BatchNorm statistics
 do not move), its parameters do not require gradients, its forward runs under ``torch.no_grad``, and
@@ -33,16 +33,20 @@ from torch.utils.data import Dataset, Sampler
 from ssl_colorize.color import lab_to_rgb, rgb_to_lab
 from ssl_colorize.data.images import Sample, SkippedFile
 from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
-from ssl_colorize.heads.probe_pool import (  # the pooling API, re-exported
-    LEGACY_POOL, POOL_MODES, PROTOCOLS, TARGET_DIMS, TapPool, avg_pool_geometry, caffe_resize, caffe_resize_matrix,
-    pool_features, probe_grid, protocol_name, tap_pool,
-)
+from ssl_colorize.heads.probe_pool import TARGET_DIMS, TapPool, pool_features, protocol_name, tap_pool
 
 __all__ = [
-    "LEGACY_POOL", "POOL_MODES", "PROTOCOLS", "TARGET_DIMS", "TapPool", "avg_pool_geometry", "caffe_resize",
-    "caffe_resize_matrix", "pool_features", "probe_grid", "protocol_name", "tap_pool",
-    "INPUT_MODES", "ProbeHead", "FrozenEncoderGuard", "resolve_input_mode", "encoder_input", "tap_shapes",
-    "MultiTapProbe", "evaluate", "SeededTrainCrops", "EpochSampler",
+    "INPUT_MODES",
+    "pool_features",  # the public pooling of every protocol (docs/linear-probes.md); defined in probe_pool
+    "ProbeHead",
+    "FrozenEncoderGuard",
+    "resolve_input_mode",
+    "encoder_input",
+    "tap_shapes",
+    "MultiTapProbe",
+    "evaluate",
+    "SeededTrainCrops",
+    "EpochSampler",
 ]
 
 #: How the encoder's input is formed from an RGB crop. "auto": L for L encoders, RGB for RGB

@@ -3,7 +3,7 @@
 Every image: shorter side resized to ``resize`` (256), centre-cropped to the encoder's transfer crop
 (227 / 224; padded with the ImageNet mean colour when smaller), through the frozen encoder (eval
 mode, no gradients); each tap is pooled to about 9k dims exactly as the linear probes pool it
-(:class:`ssl_colorize.heads.probe.TapPool`), flattened and L2-normalised.
+(:class:`ssl_colorize.heads.probe_pool.TapPool`), flattened and L2-normalised.
 
 Cache: one ``.npz`` per split (``<split>_<key>.npz``, written atomically), holding every tap's
 features, which images were decoded (``kept``) and the files skipped while reading. ``key`` hashes
@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from ssl_colorize.data.transforms import resize_shorter
 from ssl_colorize.data.voc import VOCImages, split_skipped
-from ssl_colorize.heads.probe import TapPool, encoder_input, probe_grid, tap_shapes
+from ssl_colorize.heads.probe import encoder_input, tap_shapes
+from ssl_colorize.heads.probe_pool import TapPool, probe_grid
 
 #: Bump when the features computed for the same settings change (invalidates old caches).
 FEATURE_VERSION = 2
