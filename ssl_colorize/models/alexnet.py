@@ -147,7 +147,10 @@ ALEXNET_LAB_CARD = EncoderCard(
     transfer=TransferDefaults(
         crop=227, feature_tap="fc7", detection_tap="conv5", detection_head_stages=("fc6", "fc7"), detection_roi=6,
         segmentation_tap="fc7", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None},
-        model_kwargs={"geometry": "transfer"}),
+        model_kwargs={"geometry": "transfer"},
+        # classification_trainval.prototxt (feature_learning_tests/classification): drop6 / drop7 (0.5);
+        # detection as the paper: Fast R-CNN over selective-search proposals (docs/protocols.md section 5).
+        dropout_after=("fc6", "fc7"), detector="fast-rcnn"),
     description="the paper's AlexNet on L",
 )
 

@@ -56,7 +56,11 @@ class TransferDefaults:
     ``crop``: input side; ``feature_tap``: what a new classifier reads; ``detection_tap`` /
     ``detection_head_stages`` / ``detection_roi``: the Fast/Faster R-CNN split (backbone up to the tap,
     the box head made of those stages, RoI output size); ``segmentation_tap``: what the FCN scores;
-    ``scopes``: stage names each ``--finetune`` scope trains besides the new head (None: all).
+    ``scopes``: stage names each ``--finetune`` scope trains besides the new head (None: all);
+    ``dropout_after``: stages followed by dropout (p 0.5) when VOC classification fine-tunes them (the
+    released ``classification_trainval.prototxt`` has drop6 / drop7 after fc6 / fc7);
+    ``detector``: the default ``--detector`` of VOC detection ("fast-rcnn": the paper's protocol over
+    precomputed proposals; "faster-rcnn": the modern protocol with a learnt RPN).
     """
 
     crop: int
@@ -67,6 +71,8 @@ class TransferDefaults:
     segmentation_tap: str
     scopes: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dropout_after: tuple[str, ...] = ()
+    detector: str = "faster-rcnn"
 
 
 @dataclass(frozen=True)

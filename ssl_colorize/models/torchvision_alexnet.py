@@ -103,7 +103,9 @@ ALEXNET_RGB_TORCHVISION_CARD = EncoderCard(
                         avg_pools=ALEXNET_GOYAL_POOLS),
     transfer=TransferDefaults(
         crop=227, feature_tap="fc7", detection_tap="conv5", detection_head_stages=("fc6", "fc7"), detection_roi=6,
-        segmentation_tap="conv5", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None}),
+        segmentation_tap="conv5", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None},
+        # torchvision's classifier already holds its own dropouts (before fc6 and fc7): none added.
+        detector="fast-rcnn"),
     description="torchvision AlexNet on RGB (supervised baseline)",
 )
 
