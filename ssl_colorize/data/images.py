@@ -1,6 +1,8 @@
 """Image files on disk as a dataset: an ImageFolder root (ImageNet's train/, Places205) or a list file.
 
-Decoding is torchvision's (libjpeg-turbo / libpng) straight to a uint8 CHW tensor. A file that cannot be
+Decoding is TorchCodec's where it is installed, torchvision's otherwise (libjpeg-turbo / libpng ...;
+:mod:`ssl_colorize.data.decode`), straight to a uint8 CHW tensor; Pillow reads the formats neither
+decodes (BMP, TIFF, PPM). A file that cannot be
 decoded is skipped, never fatal: the dataset yields a :class:`SkippedFile` for it, :func:`collate_skipping`
 drops it and counts it, and the trainer reports the count and the names (issue 3, "Bad input"). Only
 data where nothing is readable stops the trainer, with one line naming it and a few of its files
@@ -16,7 +18,8 @@ from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+
+from ssl_colorize.data.decode import decode_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
@@ -74,7 +77,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
     if data.numel() == 0:
         raise ValueError(f"empty file: {path}")
-    return decode_image(data, mode=ImageReadMode.RGB)
+    return decode_rgb(data)
 
 
 @dataclass
