@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ssl_colorize.color import lab_to_rgb, rgb_to_lab
-from ssl_colorize.data import ImageFiles, builtin_photos
+from ssl_colorize.data import ImageFiles, builtin_photos, decode
 from ssl_colorize.data.fast_path import (
     TargetSpec,
     decode_batch,
@@ -118,6 +118,26 @@ def test_batched_device_decode_is_close_to_the_cpu_decoder(jpeg_folder):
         # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: measured on an H100, 1.9 levels
         # apart on average, 36 at most on a sharp colour edge. The same picture: PSNR well above 30 dB.
         assert _psnr(g.cpu(), c) > 35.0, (path.name, _psnr(g.cpu(), c))
+
+
+@pytest.mark.parametrize("backend", [
+    "torchvision",
+    pytest.param("torchcodec", marks=pytest.mark.skipif(not decode.torchcodec_available(),
+                                                         reason="torchcodec is not installed")),
+])
+def test_each_decoder_backend_decodes_batches_on_the_gpu(jpeg_folder, backend):
+    """TorchCodec's batched nvJPEG where installed, torchvision's otherwise: both give the CPU picture."""
+    paths = sorted(jpeg_folder.glob("photo_*.jpg"))
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    decode.set_backend(backend)
+    try:
+        on_gpu = decode.decode_jpegs(data, CUDA)
+        on_cpu = [decode.decode_rgb(d) for d in data]
+    finally:
+        decode.set_backend(None)
+    for path, g, c in zip(paths, on_gpu, on_cpu):
+        assert g.device.type == "cuda" and g.dtype == torch.uint8 and g.shape == c.shape, path.name
+        assert _psnr(g.cpu(), c) > 35.0, (path.name, backend, _psnr(g.cpu(), c))
 
 
 @pytest.mark.parametrize("data_path", ["device", "workers"])
