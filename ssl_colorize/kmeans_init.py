@@ -25,6 +25,33 @@ layers are being fitted, which is consistent with the standardised outputs the i
 Cost per layer: whitening O(n D min(n, D)) and k-means O(iters n k r), for n sampled patches of
 dimension D (rank r <= min(n, D)) and k filters. With a handful of small images on a CPU this takes
 seconds; for ImageNet-scale inits run it on the GPU with a few hundred images.
+
+Against the released code (philkr/magic_init ``magic_init.py`` with ``-t kmeans``, which the
+colorization models were initialised with: richzhang/colorization train_alexnet/run_init.sh runs
+``magic_init_mod.py train_val_mi.prototxt mi.caffemodel -nit 10 -t kmeans``; train/readme (1) for
+colornet's init_v2.caffemodel). The same: layer by layer in execution order on the data reaching the
+layer, whitening, k-means in whitened space with the centroids as filters, grouped convolutions per
+group, transposed convolutions Gaussian ("elwise"), then each output channel divided by its standard
+deviation and its bias set to ``-mean / std + b`` (``output_mean`` = b; magic_init's default ``-b`` is
+0.1, :data:`MAGIC_INIT_BIAS`, which ``ssl_colorize.pretrain`` passes). Where it differs:
+
+- patches: magic_init gathers a layer's inputs through random Gaussian projections in output space
+  (oversampled to a full basis) and maps the result back; we unfold the patches directly (the same
+  space, with the layer's own padding and stride);
+- whitening: magic_init eigen-decomposes D^T D (not divided by n), keeps the top ``out_channels``
+  components, scales them by 1 / sqrt(s + 1e-3) and L2-normalises every whitened sample; we keep every
+  component of the data's subspace, regularised relative to the mean eigenvalue (``whiten_eps``), and
+  do not normalise the samples;
+- k-means: scikit-learn's MiniBatchKMeans (batch 10 x k) with k = the number of kept components; we
+  run ``iters`` Lloyd iterations with k = out_channels;
+- data: magic_init runs ``-nit 10`` batches of the train prototxt's own data layer (AlexNet-Lab: 10 x 80
+  random 180 px crops) in Caffe's TRAIN phase, where BatchNorm (which it does not support, and warns
+  about) normalises with the batch statistics; we use the images given (the trainer: 64 centre crops)
+  with BatchNorm reset and in eval mode (almost the identity);
+- layers: the released AlexNet-Lab init (train_val_mi.prototxt) covers conv1..conv5 only; fc6 / fc7
+  then come from train_val.prototxt's fillers (Gaussian std 0.005, bias 1) and fc8 from Caffe's default
+  (zeros). We initialise every convolution and fc layer but the pretext head, which keeps its random
+  init (``skip``).
 """
 
 from __future__ import annotations
@@ -39,6 +66,8 @@ from tqdm.auto import tqdm
 
 #: Layer types kmeans_init_ initialises.
 INIT_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+#: magic_init's default output mean ``-b`` / ``--bias`` 0.1 (philkr/magic_init magic_init.py, main()).
+MAGIC_INIT_BIAS = 0.1
 
 
 class _InputCaptured(Exception):
@@ -59,6 +88,7 @@ def kmeans_init_(
     skip: Iterable[nn.Module] | None = None,
     seed: int = 0,
     progress: bool = True,
+    output_mean: float = 0.0,
 ) -> nn.Module:
     """Initialise ``model`` in place from data; returns the model.
 
@@ -73,6 +103,8 @@ def kmeans_init_(
         skip: modules (and everything inside them) to leave alone; default ``model.head`` if any.
         seed: seeds patch sampling, k-means seeding and the Gaussian fills.
         progress: show a tqdm bar over the layers.
+        output_mean: the mean each layer's output channels are given (through their bias; layers
+            without a bias are only scaled). magic_init's default is :data:`MAGIC_INIT_BIAS`.
     """
     if max_patches < 2:
         raise ValueError(f"kmeans_init_: max_patches must be >= 2, got {max_patches}")
@@ -105,7 +137,7 @@ def kmeans_init_(
                     layer.weight.copy_(_kmeans_weight(layer, inputs, max_patches, iters, whiten_eps, generator))
                 if layer.bias is not None:
                     layer.bias.zero_()
-                _standardise_outputs_(layer, inputs)
+                _standardise_outputs_(layer, inputs, output_mean)
     finally:
         model.train(was_training)
     return model
@@ -277,8 +309,8 @@ def _kmeans_weight(
     return torch.cat(filters, dim=0).reshape(weight.shape).to(weight)
 
 
-def _standardise_outputs_(layer: nn.Module, inputs: torch.Tensor) -> None:
-    """Rescale each output channel (and set its bias) for zero mean, unit variance on ``inputs``."""
+def _standardise_outputs_(layer: nn.Module, inputs: torch.Tensor, output_mean: float = 0.0) -> None:
+    """Rescale each output channel (and set its bias) for mean ``output_mean``, unit variance on ``inputs``."""
     out = layer(inputs)
     channel_dim = 1 if out.dim() == 4 else out.dim() - 1
     reduce = [d for d in range(out.dim()) if d != channel_dim]
@@ -294,4 +326,4 @@ def _standardise_outputs_(layer: nn.Module, inputs: torch.Tensor) -> None:
     else:
         weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
     if layer.bias is not None:
-        layer.bias.copy_(-mean * scale)
+        layer.bias.copy_(-mean * scale + output_mean)

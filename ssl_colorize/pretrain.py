@@ -25,10 +25,12 @@ from ssl_colorize import distributed as dist_env
 from ssl_colorize.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from ssl_colorize.data.fast_path import DATA_PATHS, TargetSpec, resolve_data_path
 from ssl_colorize.data.loader import PretrainLoader
+from ssl_colorize.data.transforms import RESIZE_MODES
 from ssl_colorize.engine.cli import (
     ArgumentParser, UsageError, check_input_file, check_input_path, check_tensorboard, check_output_file, fail, run_cli,
 )
 from ssl_colorize.engine.run import RunFolder, add_run_args, check_run_folder, rng_state, seed_everything, set_rng_state
+from ssl_colorize.losses import REDUCTIONS
 from ssl_colorize.models import create_model
 from ssl_colorize.models.cards import pretrainable_models
 from ssl_colorize.targets import (
@@ -37,7 +39,7 @@ from ssl_colorize.targets import (
 from ssl_colorize.training.pretext import (
     COMPILE_MODES, LossGridLogits, ResumableSampler, UnreadableGuard, build_data, check_some_file_reads,
     class_prior, compute_loss, kmeans_warm_start, load_previews, lr_at, make_adam, resolve_config,
-    resolve_device, write_preview,
+    resolve_device, set_batchnorm_momentum_, write_preview,
 )
 from ssl_colorize.training.progress import MEASURED_STEPS, WARMUP_STEPS, Progress, duration, next_steps
 
@@ -55,12 +57,26 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="iterations (default: the encoder's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size, split over the processes")
     p.add_argument("--crop", type=int, default=None, help="random square crop size")
-    p.add_argument("--resize", type=int, default=None, help="resize the shorter side first (0: no resize)")
+    p.add_argument("--resize", type=int, default=None, help="resize first, as --resize-mode says (0: no resize)")
+    p.add_argument("--resize-mode", default=None, choices=RESIZE_MODES,
+                   help="squash: both sides to --resize, aspect not kept (the released 256x256 LMDB; default of "
+                        "the paper recipes); shorter: the shorter side (default of the built-in recipe)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
     p.add_argument("--lr-steps", default=None, help="comma list of steps where the lr drops (default: recipe)")
     p.add_argument("--lr-factors", default=None, help="comma list of lr multipliers, one per --lr-steps entry")
     p.add_argument("--betas", default=None, help="Adam betas, e.g. 0.9,0.999")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam's L2 weight decay (not AdamW)")
+    p.add_argument("--bias-lr-mult", type=float, default=None,
+                   help="the biases' lr multiplier (Caffe's lr_mult; AlexNet-Lab's released 2, colornet's 1)")
+    p.add_argument("--bias-decay-mult", type=float, default=None,
+                   help="the biases' weight-decay multiplier (Caffe's decay_mult; AlexNet-Lab's released 0, "
+                        "colornet's 1); --bias-lr-mult 1 --bias-decay-mult 1: PyTorch's plain Adam")
+    p.add_argument("--bn-momentum", type=float, default=None,
+                   help="BatchNorm running-average momentum (paper recipes: 0.001, Caffe's "
+                        "moving_average_fraction 0.999; the built-in recipe: torch's 0.1)")
+    p.add_argument("--loss-reduction", default=None, choices=REDUCTIONS,
+                   help="mean: over the loss grid's pixels; sum: over each image's grid, mean over the images "
+                        "(the released SoftmaxCrossEntropyLoss; colornet's default)")
     p.add_argument("--prior", default="imagenet",
                    help="'imagenet' (the shipped prior), 'estimate' (from --data), or a prior file")
     p.add_argument("--prior-images", type=int, default=2000, help="images read by --prior estimate")
@@ -68,8 +84,9 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="soft-encoding Gaussian sigma (ab units)")
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="rebalancing mix with the uniform distribution")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="annealed-mean T of the previews")
-    p.add_argument("--init", default="default", choices=["default", "kmeans"],
-                   help="kmeans: Kraehenbuehl et al.'s data-dependent initialisation")
+    p.add_argument("--init", default=None, choices=["default", "kmeans"],
+                   help="kmeans: Kraehenbuehl et al.'s data-dependent initialisation (default of the AlexNet-Lab "
+                        "and colornet paper recipes); default: the model's own init (default of the built-in one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="auto: bf16 autocast on CUDA")
@@ -150,6 +167,7 @@ def main(args: argparse.Namespace) -> dict:
 
     seed_everything(cfg["seed"])
     model = create_model(cfg["encoder"], **({"out_channels": 2} if cfg["loss"] == "l2" else {})).to(device)
+    set_batchnorm_momentum_(model, cfg["bn_momentum"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -157,7 +175,8 @@ def main(args: argparse.Namespace) -> dict:
                         progress=main_process and not args.no_progress)
     class_weights = rebalance_weights(prior, cfg["lam"]).to(device) if cfg["loss"] == "rebalanced" else None
 
-    optimizer = make_adam(model, cfg["lr"], tuple(cfg["betas"]), cfg["weight_decay"], device)
+    optimizer = make_adam(model, cfg["lr"], tuple(cfg["betas"]), cfg["weight_decay"], device,
+                          bias_lr_mult=cfg["bias_lr_mult"], bias_decay_mult=cfg["bias_decay_mult"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg["lr"])
     step, epoch, batch_in_epoch, skipped_total = 0, 0, 0, 0
     skipped_names: list[str] = []
@@ -172,6 +191,12 @@ def main(args: argparse.Namespace) -> dict:
         if state["model"]["name"] != cfg["encoder"]:
             raise fail("--encoder", cfg["encoder"], f"{run.checkpoint_path} holds a {state['model']['name']!r}")
         model.load_state_dict(state["state_dict"])
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):  # e.g. a run started before the bias groups existed
+            raise fail("--resume", run.checkpoint_path,
+                       f"its optimizer has {saved_groups} parameter group(s), this recipe makes "
+                       f"{len(optimizer.param_groups)}; resume with the bias options it was started with "
+                       "(--bias-lr-mult 1 --bias-decay-mult 1: one group)")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -200,8 +225,10 @@ def main(args: argparse.Namespace) -> dict:
     sampler.set_position(epoch, batch_in_epoch)
     loader = PretrainLoader(files, sampler, per_rank_batch, cfg["crop"], cfg["resize"], device, data_path,
                             workers=workers, channels_last=channels_last,
-                            targets=TargetSpec(model.output_stride, cfg["k"], cfg["sigma"], encode=cfg["loss"] != "l2"))
-    previews = load_previews(held_out, cfg["crop"], cfg["resize"], args.preview_count) if main_process else None
+                            targets=TargetSpec(model.output_stride, cfg["k"], cfg["sigma"], encode=cfg["loss"] != "l2"),
+                            resize_mode=cfg["resize_mode"])
+    previews = (load_previews(held_out, cfg["crop"], cfg["resize"], args.preview_count, cfg["resize_mode"])
+                if main_process else None)
     guard = UnreadableGuard(cfg["data"] or "the built-in default", len(files))
 
     stop_at = min(cfg["steps"], args.stop_after) if args.stop_after is not None else cfg["steps"]
@@ -209,7 +236,8 @@ def main(args: argparse.Namespace) -> dict:
                         tensorboard_dir=out / "tensorboard" if args.tensorboard else None)
     progress.say(f"pretrain: {cfg['encoder']} on {'the built-in default' if cfg['builtin'] else cfg['data']} "
                  f"({len(files)} images), {cfg['steps']} steps of {cfg['batch_size']} x {cfg['crop']}px, "
-                 f"loss {cfg['loss']}, device {device}, {world} process(es), run folder {out}"
+                 f"loss {cfg['loss']} ({cfg['loss_reduction']}), init {cfg['init']}, device {device}, "
+                 f"{world} process(es), run folder {out}"
                  + (f", resuming at step {step}" if step else "")
                  + f"; the time it takes is printed after the first {WARMUP_STEPS + MEASURED_STEPS} steps")
 
@@ -298,7 +326,8 @@ def main(args: argparse.Namespace) -> dict:
             run_id=run.run_id, benchmark="pretrain", checkpoint=str(run.checkpoint_path),
             encoder=cfg["encoder"], tap="-", dataset="builtin" if cfg["builtin"] else str(cfg["data"]),
             split="train", protocol=f"colorization-{cfg['loss']}", metric="final_loss", value=last_loss,
-            seed=cfg["seed"], hparams={k: cfg[k] for k in ("steps", "batch_size", "crop", "lr", "loss")})])
+            seed=cfg["seed"], hparams={k: cfg[k] for k in ("steps", "batch_size", "crop", "lr", "loss", "loss_reduction",
+                                                           "init", "resize_mode")})])
     dist_env.barrier()
     return {"step": step, "loss": last_loss, "out": str(out), "skipped": skipped_total}
 

@@ -29,6 +29,7 @@ CASES = {
         ("ssl_colorize.pretrain", ["--data", MISSING], "--data"),
         ("ssl_colorize.pretrain", ["--prior", f"{MISSING}.csv"], "--prior"),
         ("ssl_colorize.pretrain", ["--lr", "-1"], "--lr"),
+        ("ssl_colorize.pretrain", ["--bn-momentum", "0"], "--bn-momentum"),
     ],
     "colorize": [
         ("ssl_colorize.colorize", ["photo.jpg", "--checkpoint", f"{MISSING}.pth"], "--checkpoint"),
@@ -85,6 +86,9 @@ for _name in ("voc_classification", "voc_detection", "voc_segmentation"):
         (f"ssl_colorize.benchmarks.{_name}", ["--data", MISSING], "--data"),
         (f"ssl_colorize.benchmarks.{_name}", ["--lr", "-1"], "--lr"),
     ]
+
+# Fast R-CNN (the default detector of alexnet_lab) reads precomputed proposals: a missing folder is named.
+CASES["voc_detection"].append(("ssl_colorize.benchmarks.voc_detection", ["--proposals", MISSING], "--proposals"))
 
 # An output that cannot be written stops every command that writes result rows, before any model is
 # built or data read (issue 16: it used to fail after the whole run).

@@ -27,7 +27,9 @@ RECIPES = {
                                       "--anchor-sizes", "16,32,64", "--rpn-train-proposals", 64,
                                       "--rpn-test-proposals", 32, "--rois-per-image", 16]),
     # torchvision AlexNet: its FCN scores conv5 (no fc6 / fc7 to train), the cheapest fine-tuning here
-    "voc_segmentation": (voc_segmentation, ["--encoder", "alexnet_rgb_torchvision", "--batch-size", 2, "--crop", 48]),
+    # (--accumulate 2: each update from two batches, as the released recipe's iter_size)
+    "voc_segmentation": (voc_segmentation, ["--encoder", "alexnet_rgb_torchvision", "--recipe", "quick",
+                                            "--batch-size", 2, "--crop", 48, "--accumulate", 2]),
 }
 
 

@@ -16,6 +16,11 @@ something learnable, and colour is predictable from shape.
 :func:`make_voc_fixture` builds such a folder anywhere, with sizes and counts to choose and the bad
 cases of issue 5 to inject (:data:`BAD_CASES`); :func:`ensure_builtin_voc` writes the default one
 once into the cache (``ssl_colorize.data.builtin.cache_dir()``), atomically.
+
+Fast R-CNN needs precomputed proposals: :func:`write_builtin_proposals` writes stand-ins for selective
+search (each object's box jittered at several strengths, plus random boxes) for VOC2007 trainval and
+test, in the released layout (``selective_search_data/voc_2007_{trainval,test}.mat``,
+ssl_colorize.data.proposals); the default devkit ships them, older caches get them on first use.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ssl_colorize.data.builtin import CLASS_HUES, SHAPE_CLASSES, _hsv_to_rgb, _shape_mask, _smooth_noise, cache_dir
-from ssl_colorize.data.voc import CLASS_INDEX, IGNORE_LABEL, voc_palette
+from ssl_colorize.data.voc import CLASS_INDEX, IGNORE_LABEL, VOCDataError, parse_annotation, read_ids, voc_palette
 
 BUILTIN_VOC_VERSION = "v1"
 
@@ -54,6 +59,8 @@ BAD_CASES = ("missing_annotation", "unknown_class", "bad_mask", "missing_split",
 #: Counts of the built-in default (VOC2007 trainval / test; VOC2012 train / val).
 BUILTIN_COUNTS = {"trainval07": 200, "test07": 200, "train12": 160, "val12": 100}
 BUILTIN_SIZE = (200, 280)
+#: Where the built-in proposals live, beside VOCdevkit (the released ``data/selective_search_data``).
+PROPOSALS_DIR = "selective_search_data"
 
 
 @dataclass
@@ -233,6 +240,7 @@ def make_voc_fixture(
     n_sbd: int = 8,
     bad: Iterable[str] = (),
     seed: int = 0,
+    proposals: bool = True,
 ) -> Fixture:
     """Write a VOCdevkit (VOC2007 + VOC2012, and SBD if asked) under ``root``; return what was written.
 
@@ -241,7 +249,9 @@ def make_voc_fixture(
     renames an object of a VOC2007 test XML to "unicorn", ``bad_mask`` writes index 42 into a VOC2012
     train mask, ``missing_split`` deletes VOC2007's ``ImageSets/Main/test.txt``, ``corrupt_image``
     overwrites a VOC2007 trainval JPEG with garbage. SBD, if asked, holds ``n_sbd`` images of its own
-    plus the first two VOC2012 val images (as the real SBD overlaps VOC2012 val).
+    plus the first two VOC2012 val images (as the real SBD overlaps VOC2012 val). ``proposals``: also
+    write VOC2007's Fast R-CNN proposals (:func:`write_builtin_proposals`, after the bad cases, so every
+    listed id has boxes).
     """
     bad = tuple(bad)
     unknown = sorted(set(bad) - set(BAD_CASES))
@@ -321,6 +331,8 @@ def make_voc_fixture(
         path = voc07 / "JPEGImages" / f"{trainval[3]}.jpg"
         path.write_bytes(b"this is not a JPEG file")
         fixture.bad_files["corrupt_image"] = path
+    if proposals:
+        write_builtin_proposals(root, seed=seed)
     return fixture
 
 
@@ -332,6 +344,8 @@ def ensure_builtin_voc(root: str | os.PathLike | None = None) -> Path:
     """
     root = Path(root) if root else cache_dir() / f"voc-{BUILTIN_VOC_VERSION}"
     if (root / ".complete").exists():
+        if not all((root / PROPOSALS_DIR / f"voc_2007_{split}.mat").is_file() for split in ("trainval", "test")):
+            write_builtin_proposals(root, seed=2016)  # a cache older than the proposals (atomic per file)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -355,3 +369,68 @@ def ensure_builtin_voc(root: str | os.PathLike | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Proposals (stand-ins for selective search) in the released .mat layout
+# ----------------------------------------------------------------------------------------------
+
+def synthetic_proposals(rng: np.random.Generator, objects: np.ndarray, height: int, width: int,
+                        jitters: int = 12, random_boxes: int = 40) -> np.ndarray:
+    """(K, 4) integer boxes, 0-based inclusive pixels ``[x1 y1 x2 y2]``, inside the image: per object
+    ``jitters`` copies with the centre moved and the sides rescaled at a few strengths (the small ones
+    overlap it at IoU >= 0.5, the large ones mostly between 0.1 and 0.5), plus ``random_boxes`` boxes
+    anywhere (mostly background), as selective search gives both."""
+    boxes = []
+    for x1, y1, x2, y2 in np.asarray(objects, dtype=np.float64).reshape(-1, 4):
+        w, h = x2 - x1 + 1, y2 - y1 + 1
+        strength = np.repeat([0.05, 0.15, 0.35, 0.6], int(np.ceil(jitters / 4)))[:jitters, None]
+        centre = np.array([x1 + w / 2, y1 + h / 2]) + rng.normal(size=(jitters, 2)) * strength * [w, h]
+        size = np.array([w, h]) * np.exp(rng.normal(size=(jitters, 2)) * strength)
+        boxes.append(np.hstack([centre - size / 2, centre + size / 2 - 1]))
+    side = rng.uniform(0.1, 0.8, size=(random_boxes, 2)) * [width, height]
+    corner = rng.uniform(0, 1, size=(random_boxes, 2)) * ([width, height] - side)
+    boxes.append(np.hstack([corner, corner + side - 1]))
+    out = np.round(np.vstack(boxes))
+    out[:, 0::2] = out[:, 0::2].clip(0, width - 1)
+    out[:, 1::2] = out[:, 1::2].clip(0, height - 1)
+    out[:, 2] = np.maximum(out[:, 2], out[:, 0])
+    out[:, 3] = np.maximum(out[:, 3], out[:, 1])
+    return out
+
+
+def _image_objects(folder: Path, image_id: str) -> tuple[np.ndarray, int, int]:
+    """Object boxes (0-based pixels) and image size of one id, from its annotation, else from the image
+    (an id without a usable annotation still gets random proposals), else a nominal 100 x 100."""
+    try:
+        ann = parse_annotation(folder / "Annotations" / f"{image_id}.xml")
+        if ann.width > 0 and ann.height > 0:
+            boxes = np.array([o.bbox for o in ann.objects], dtype=np.float64).reshape(-1, 4) - 1.0
+            return boxes, ann.height, ann.width
+    except VOCDataError:
+        pass
+    try:
+        with Image.open(folder / "JPEGImages" / f"{image_id}.jpg") as image:
+            return np.zeros((0, 4)), image.height, image.width
+    except (OSError, ValueError):
+        return np.zeros((0, 4)), 100, 100
+
+
+def write_builtin_proposals(root: str | os.PathLike, year: int = 2007, splits: Iterable[str] = ("trainval", "test"),
+                            seed: int = 0) -> Path:
+    """Write ``<root>/selective_search_data/voc_<year>_<split>.mat`` for each split that has a
+    ``ImageSets/Main`` list under ``<root>/VOCdevkit/VOC<year>``; returns the folder."""
+    from ssl_colorize.data.proposals import proposal_file, write_proposals
+
+    folder = Path(root) / "VOCdevkit" / f"VOC{year}"
+    out = Path(root) / PROPOSALS_DIR
+    for k, split in enumerate(splits):
+        split_path = folder / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_path.is_file():
+            continue
+        proposals = {}
+        for n, image_id in enumerate(read_ids(split_path)):
+            objects, height, width = _image_objects(folder, image_id)
+            proposals[image_id] = synthetic_proposals(np.random.default_rng([seed, year, k, n]), objects, height, width)
+        write_proposals(proposal_file(out, year, split), proposals)
+    return out

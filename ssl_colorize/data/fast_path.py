@@ -4,7 +4,7 @@ Two ways to get there, chosen by ``data_path`` (``--data-path`` in the trainer):
 
 * ``"device"`` (what ``"auto"`` picks on CUDA when nvJPEG works and fewer than
   :data:`AUTO_WORKERS_MIN_CORES` cores are available): DataLoader workers only read each file's bytes; a
-  producer thread decodes the whole batch in one call on the GPU (torchvision's batched nvJPEG decode),
+  producer thread decodes the whole batch in one call on the GPU (batched nvJPEG, TorchCodec's or torchvision's),
   resizes, crops and mirrors every image there, stacks them, makes the batch channels-last and computes
   L, ab and the soft targets, all on a side CUDA stream, one or two batches ahead of the training step.
   Files that are not JPEG, or that the batched call rejects, are decoded on the CPU one by one and moved;
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -45,18 +44,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ssl_colorize.color import rgb_to_lab, rgb_to_lightness
+from ssl_colorize.data.decode import decode_jpegs, decode_rgb
 from ssl_colorize.data.images import ImageFiles, Sample, SkippedFile
-from ssl_colorize.data.transforms import random_crop_flip, resize_shorter
+from ssl_colorize.data.transforms import RESIZE_MODES, random_crop_flip, resize_for_crop
 from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA, decimate, soft_encode
 
-# torchvision 0.29 announces the move of its image decoders to TorchCodec; they still work (the same
-# filter as pyproject.toml's for the tests). Installed once here so the producer thread needs no
-# (thread-unsafe) warnings.catch_warnings.
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-    category=DeprecationWarning,
-)
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg  # noqa: E402
 
 DATA_PATHS = ("auto", "workers", "device")
 _JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker + the next marker's 0xFF
@@ -67,12 +59,12 @@ _SEED_MODULUS = 2**63  # torch.Generator seeds must fit in 64 bits
 # The per-image and per-batch steps, shared by every path
 # ----------------------------------------------------------------------------------------------
 
-def crop_image(image: torch.Tensor, crop: int, resize: int | None, seed: int) -> torch.Tensor:
-    """One training view of a uint8 (3, H, W) image on any device: the shorter side resized to
-    ``resize`` (when given), then a ``crop`` x ``crop`` window and a mirror drawn from a generator seeded
-    with ``seed``. The window is drawn on the CPU, so a GPU image gets exactly the CPU path's crop."""
-    if resize:
-        image = resize_shorter(image, resize)
+def crop_image(image: torch.Tensor, crop: int, resize: int | None, seed: int, resize_mode: str = "shorter") -> torch.Tensor:
+    """One training view of a uint8 (3, H, W) image on any device: resized to ``resize`` (when given;
+    ``resize_mode`` "shorter": the shorter side, "squash": both sides, as the released 256x256 LMDB), then
+    a ``crop`` x ``crop`` window and a mirror drawn from a generator seeded with ``seed``. The window is
+    drawn on the CPU, so a GPU image gets exactly the CPU path's crop (both data paths call this)."""
+    image = resize_for_crop(image, resize, resize_mode)
     return random_crop_flip(image, crop, torch.Generator().manual_seed(int(seed) % _SEED_MODULUS))
 
 
@@ -184,8 +176,10 @@ class SeededCrops(Dataset):
     that cannot be decoded.
     """
 
-    def __init__(self, files: ImageFiles, crop: int, resize: int | None):
-        self.files, self.crop, self.resize = files, int(crop), resize
+    def __init__(self, files: ImageFiles, crop: int, resize: int | None, resize_mode: str = "shorter"):
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"SeededCrops: resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        self.files, self.crop, self.resize, self.resize_mode = files, int(crop), resize, resize_mode
 
     def __len__(self) -> int:
         return len(self.files)
@@ -194,7 +188,7 @@ class SeededCrops(Dataset):
         index, seed = item
         sample = self.files[index]
         if isinstance(sample, Sample):
-            sample.image = crop_image(sample.image, self.crop, self.resize, seed)
+            sample.image = crop_image(sample.image, self.crop, self.resize, seed, self.resize_mode)
         return sample
 
 
@@ -302,10 +296,10 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
     if device.type == "cuda" and _is_jpeg(data):
         # A CMYK or corrupt JPEG makes nvJPEG raise; the CPU decoder below may still read it.
         with suppress(RuntimeError):
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            return decode_jpegs([data], device)[0]
     try:
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
-    except (RuntimeError, ValueError):
+        return decode_rgb(data).to(device)
+    except (RuntimeError, ValueError, OSError):
         return None
 
 
@@ -321,7 +315,7 @@ def decode_batch(data: list[torch.Tensor], device: torch.device | str) -> list[t
     jpegs = [i for i, d in enumerate(data) if _is_jpeg(d)]
     if jpegs:
         with suppress(RuntimeError):  # a bad file in the batch: the loop below finds it
-            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpegs([data[i] for i in jpegs], device)
             for i, image in zip(jpegs, decoded):
                 out[i] = image
     for i, image in enumerate(out):
@@ -332,16 +326,27 @@ def decode_batch(data: list[torch.Tensor], device: torch.device | str) -> list[t
 
 @lru_cache(maxsize=None)
 def device_decode_available(device: str) -> bool:
-    """Whether torchvision can decode a JPEG on ``device`` (a CUDA build with nvJPEG); checked once."""
+    """Whether the decoder (TorchCodec's or torchvision's, ssl_colorize.data.decode) can decode a JPEG on
+    ``device`` (a CUDA build with nvJPEG); checked once."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return False
-    probe = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))
     try:
-        decode_jpeg([probe], mode=ImageReadMode.RGB, device=dev)
+        decode_jpegs([_probe_jpeg()], dev)
     except RuntimeError:
         return False
     return True
+
+
+def _probe_jpeg() -> torch.Tensor:
+    """A 16x16 grey JPEG's bytes (Pillow's encoder: no dependency on a deprecated torchvision encoder)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buffer, "JPEG")
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
 #: "auto" keeps decoding on the CPU when this process may use at least this many cores. Measured on an

@@ -33,6 +33,7 @@ from ssl_colorize.data.fast_path import (
     resolve_data_path,
 )
 from ssl_colorize.data.images import ImageFiles
+from ssl_colorize.data.transforms import RESIZE_MODES
 
 _DONE = object()
 
@@ -45,7 +46,7 @@ class PretrainLoader:
         sampler: yields ``(index, sample_seed)`` items (e.g. the trainer's ``ResumableSampler``; an endless
             one, which has no length, makes a loader that runs until its consumer stops).
         batch_size: images per batch (per process).
-        crop, resize: the random crop size and the shorter side the image is resized to first (None: as is).
+        crop, resize: the random crop size and the size the image is resized to first (None: as is).
         device: where the batches go.
         data_path: "auto", "workers" or "device" (see the module docstring).
         workers: DataLoader worker processes (0: in this process).
@@ -53,6 +54,8 @@ class PretrainLoader:
         targets: compute L, ab and the soft encoding in the data path; None: images only.
         prefetch: batches the producer thread may finish ahead of the training step (CUDA or "device").
         pin_memory: page-locked host batches (default: when the device is CUDA).
+        resize_mode: "shorter" (the shorter side to ``resize``) or "squash" (both sides, aspect not kept);
+            both data paths resize through :func:`~ssl_colorize.data.fast_path.crop_image`.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class PretrainLoader:
         targets: TargetSpec | None = None,
         prefetch: int = 2,
         pin_memory: bool | None = None,
+        resize_mode: str = "shorter",
     ):
         if batch_size < 1:
             raise ValueError(f"PretrainLoader: batch_size must be positive, got {batch_size}")
@@ -78,8 +82,10 @@ class PretrainLoader:
             raise ValueError(f"PretrainLoader: workers must be >= 0, got {workers}")
         if prefetch < 1:
             raise ValueError(f"PretrainLoader: prefetch must be >= 1, got {prefetch}")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"PretrainLoader: resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.files, self.sampler, self.batch_size = files, sampler, int(batch_size)
-        self.crop, self.resize = int(crop), resize
+        self.crop, self.resize, self.resize_mode = int(crop), resize, resize_mode
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -100,7 +106,7 @@ class PretrainLoader:
             dataset, collate = EncodedFiles(self.files), collate_encoded
             pin = False  # nvJPEG stages the bytes through its own pinned buffers
         else:
-            dataset = SeededCrops(self.files, self.crop, self.resize)
+            dataset = SeededCrops(self.files, self.crop, self.resize, self.resize_mode)
             collate = CropCollate(self.crop, self.targets, lightness=self.device.type == "cpu")
             pin = self.pin_memory
         return DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
@@ -134,7 +140,7 @@ class PretrainLoader:
                 if image is None:
                     skipped.append(host_batch.paths[j])
                     continue
-                crops.append(crop_image(image, self.crop, self.resize, host_batch.seeds[j]))
+                crops.append(crop_image(image, self.crop, self.resize, host_batch.seeds[j], self.resize_mode))
                 keep.append(j)
             if not crops:
                 return _empty_batch(self.crop, skipped, self.device)

@@ -17,6 +17,32 @@ def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize both sides to ``size`` (bilinear, antialiased as :func:`resize_shorter`): the aspect ratio is not
+    kept. The released colorization training LMDBs held images squashed so (256x256, richzhang/colorization
+    train/readme (d)), as Caffe's ``convert_imageset --resize_height --resize_width`` writes them."""
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image
+    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+#: How the pretraining views resize an image before cropping (``--resize-mode``).
+RESIZE_MODES = ("squash", "shorter")
+
+
+def resize_for_crop(image: torch.Tensor, size: int | None, mode: str = "shorter") -> torch.Tensor:
+    """``mode`` "shorter": :func:`resize_shorter`; "squash": :func:`resize_square`; ``size`` None or 0: as is."""
+    if not size:
+        return image
+    if mode == "shorter":
+        return resize_shorter(image, size)
+    if mode == "squash":
+        return resize_square(image, size)
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
 def random_crop_flip(image: torch.Tensor, crop: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random ``crop`` x ``crop`` window and a mirror with probability 1/2 (images smaller than the
     crop are first resized up to it)."""

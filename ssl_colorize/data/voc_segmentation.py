@@ -77,18 +77,32 @@ def read_png_mask(path: str | os.PathLike) -> np.ndarray:
     return check_mask(mask, path)
 
 
+class SBDLayoutError(VOCDataError):
+    """A ``cls/*.mat`` that is not SBD's layout (no ``GTcls`` struct with a 2-D ``Segmentation``): the
+    folder given as SBD is not SBD, so the run stops (a mask with values outside the palette is skipped)."""
+
+
 def read_sbd_mask(path: str | os.PathLike) -> np.ndarray:
-    """An SBD ``cls/<id>.mat`` -> (H, W) uint8 indices from ``GTcls.Segmentation``."""
+    """An SBD ``cls/<id>.mat`` -> (H, W) uint8 indices from ``GTcls.Segmentation``.
+
+    SBD's layout (benchmark_RELEASE/dataset/cls/<id>.mat, as FCN's ``SBDDSegDataLayer`` reads it): a
+    MATLAB struct ``GTcls`` with fields ``Segmentation`` (H x W class indices, 0 = background),
+    ``Boundaries`` and ``CategoriesPresent``. Anything else is an :class:`SBDLayoutError` naming the file.
+    """
     from scipy.io import loadmat
 
     path = Path(path)
     try:
         mat = loadmat(path, squeeze_me=True, struct_as_record=False)
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        raise SBDLayoutError(f"{path}: not a MATLAB file (SBD's cls/*.mat hold GTcls.Segmentation): {exc}") from exc
+    try:
         mask = np.asarray(mat["GTcls"].Segmentation)
-    except (OSError, KeyError, AttributeError, ValueError, TypeError) as exc:
-        raise VOCDataError(f"{path}: not an SBD class mask (GTcls.Segmentation): {exc}") from exc
-    if mask.ndim != 2:
-        raise VOCDataError(f"{path}: GTcls.Segmentation has shape {mask.shape}, expected (H, W)")
+    except (KeyError, AttributeError) as exc:
+        held = sorted(k for k in mat if not k.startswith("__"))
+        raise SBDLayoutError(f"{path}: not an SBD class mask (no GTcls.Segmentation; the file holds {held})") from exc
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.number):
+        raise SBDLayoutError(f"{path}: GTcls.Segmentation is {mask.dtype} of shape {mask.shape}, expected (H, W) indices")
     return check_mask(mask.astype(np.int64), path)
 
 
@@ -118,6 +132,8 @@ def _validate_segmentation(
         if validate_masks:
             try:
                 read_mask(rec.mask_path)
+            except SBDLayoutError:
+                raise  # not SBD at all: stop before training rather than skip every file
             except VOCDataError as exc:
                 report.add("mask outside the palette" if "outside the palette" in str(exc) else "bad mask", exc)
                 continue
@@ -173,6 +189,57 @@ def load_sbd_split(
     candidates = (SegmentationRecord(i, folder / "img" / f"{i}.jpg", folder / "cls" / f"{i}.mat") for i in ids)
     records = _validate_segmentation(candidates, report, validate_masks, "masks SBD")
     return records, report
+
+
+def check_sbd(path: str | os.PathLike, splits: Sequence[str] = ("train", "val")) -> Path:
+    """The cheap up-front check of an SBD folder (before any training): SBD's ``dataset`` folder with
+    ``img/``, ``cls/`` and the split files, and the first listed ``cls/*.mat`` in SBD's layout.
+
+    Only that one mask is read here: reading all 11,355 takes a while, and the loader reads every one
+    before training anyway (:func:`load_sbd_split`), where a file of the wrong layout also stops the
+    run with its name (:class:`SBDLayoutError`). Returns the ``dataset`` folder; ValueError naming
+    the file otherwise.
+    """
+    folder = find_sbd(path)
+    listed = [read_ids(folder / f"{split}.txt") for split in splits]  # ValueError naming a missing / empty one
+    first = listed[0][0]
+    mask = folder / "cls" / f"{first}.mat"
+    if not mask.is_file():
+        raise ValueError(f"--sbd {path}: {mask} (the first id of the split files) is missing")
+    read_sbd_mask(mask)
+    return folder
+
+
+def seg11valid_file() -> Path:
+    """The shipped ``seg11valid.txt`` (736 VOC2011 val ids not in SBD train; FCN's
+    ``data/pascal/seg11valid.txt``, provenance in ssl_colorize/resources/PROVENANCE.md)."""
+    from importlib import resources
+
+    return Path(str(resources.files("ssl_colorize").joinpath("resources", "seg11valid.txt")))
+
+
+def check_eval_ids(data: str | os.PathLike, year: int, ids_file: str | os.PathLike, label: str | None = None) -> int:
+    """Every id of the evaluation list has its image and mask in ``VOC<year>``; else a ValueError
+    naming the list (``label``, e.g. "the shipped seg11valid list") and the first missing id.
+
+    An evaluation set with holes would give a number that is not the list's: stop instead of skipping.
+    Returns the number of ids. Stats only (no file is read), so it runs before any work.
+    """
+    folder = year_dir(data, year)
+    path = Path(ids_file)
+    ids = read_ids(path)
+    label = label or str(path)
+    missing = []
+    for image_id in ids:
+        for need in (folder / "JPEGImages" / f"{image_id}.jpg", folder / "SegmentationClass" / f"{image_id}.png"):
+            if not need.is_file():
+                missing.append((image_id, need))
+                break
+    if missing:
+        image_id, need = missing[0]
+        raise ValueError(f"{label}: id {image_id} has no {need} ({len(missing)} of its {len(ids)} ids lack an image "
+                         f"or mask in {folder}; give --eval-ids FILE with the ids you have)")
+    return len(ids)
 
 
 

@@ -82,6 +82,29 @@ def step_lr(optimizer: torch.optim.Optimizer, total: int, protocol_total: int, p
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: gamma ** (it // step))
 
 
+def multistep_lr(optimizer: torch.optim.Optimizer, total: int, protocol_total: int, milestones: Sequence[int],
+                 gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x gamma at each of ``milestones`` of a ``protocol_total`` schedule, scaled to ``total`` (as
+    :func:`step_lr`, but a fixed number of drops: e.g. the released FCN's 1e-4 -> 1e-5 -> 1e-6)."""
+    scaled = [max(1, round(m * total / protocol_total)) for m in milestones]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: gamma ** sum(it >= m for m in scaled))
+
+
+def caffe_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: float, wd: float,
+                       bias_lr_mult: float = 2.0, bias_decay_mult: float = 0.0) -> list[dict]:
+    """SGD groups as a Caffe net with ``param {lr_mult: 1 decay_mult: 1} param {lr_mult: 2 decay_mult: 0}``
+    on every layer (weights, then biases: the released fine-tuning prototxts): biases at
+    ``bias_lr_mult`` x lr with ``bias_decay_mult`` x wd. Only parameters that require grad."""
+    weights, biases = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (biases if name.endswith("bias") else weights).append(p)
+    groups = [{"params": weights, "lr": lr, "weight_decay": wd}]
+    if biases:
+        groups.append({"params": biases, "lr": bias_lr_mult * lr, "weight_decay": bias_decay_mult * wd})
+    return groups
+
+
 def bias_lr_groups(params: list[nn.Parameter], named: dict[int, str], lr: float, wd: float) -> list[dict]:
     """Caffe's convention in the released fine-tuning code: biases at twice the learning rate."""
     weights = [p for p in params if not named[id(p)].endswith("bias")]
@@ -173,6 +196,22 @@ class UntouchedGuard:
             raise RuntimeError(f"{what} changed encoder tensors it must leave alone: {shown}")
 
 
+def accumulate_gradients(step: Callable[[Any], torch.Tensor | None], stream: Iterator, accumulate: int) -> list[float]:
+    """Caffe's ``iter_size``: ``accumulate`` micro-batches, each loss back-propagated at once (one graph
+    alive at a time) scaled by 1 / ``accumulate``, so the summed gradient is the mean of the micro-batch
+    gradients (Caffe's ``SGDSolver::Normalize`` divides the accumulated diff by ``iter_size``; a
+    micro-batch without a loss contributes zero, as Caffe would keep the divisor). The caller zeroes
+    the gradients first. Returns the micro-batch losses that were not None."""
+    losses = []
+    for _ in range(accumulate):
+        loss = step(next(stream))
+        if loss is None:
+            continue
+        (loss / accumulate).backward()
+        losses.append(loss.item())
+    return losses
+
+
 def sgd_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, clip_grad: float) -> None:
     """One fine-tuning update: backward, the gradient norm clipped to ``clip_grad`` over the optimizer's
     parameters when positive (``--clip-grad``), the step and the schedule's step."""
@@ -251,18 +290,26 @@ def batch_stream(dataset: Dataset, batch_size: int, *, seed: int, start: int, wo
 
 def finetune(run: TransferRun, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, iters: int,
              batches: Callable[[int], Iterator], step: Callable[[Any], torch.Tensor | None], args: argparse.Namespace,
-             desc: str) -> list[float]:
+             desc: str, accumulate: int = 1) -> list[float]:
     """Train ``iters`` iterations (from the checkpoint's on ``--resume``); return the recent losses.
 
     ``batches(start)``: the data stream from batch ``start``; ``step(batch)``: the loss of one batch
     (None to skip it: no update, the iteration still counts). Writes ``log.jsonl`` every
     ``--log-every`` iterations and the rolling checkpoint every ``--ckpt-every`` and at the end.
+
+    ``accumulate`` > 1 (Caffe's ``iter_size``): an iteration is one update from ``accumulate`` batches
+    (:func:`accumulate_gradients`); the schedule, the log and the checkpoints count updates, so a
+    checkpoint always falls on an update boundary and the data position is ``iteration * accumulate``.
     """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, got {accumulate}")
     folder = run.folder
     state = folder.load_checkpoint()
     start, losses = 0, []
     if state is not None:
         problem = resume_problem(state, iters, args)
+        if problem is None and state.get("accumulate", 1) != accumulate:
+            problem = f"the run accumulated {state.get('accumulate', 1)} batches per update, not {accumulate}"
         if problem:
             run.close()
             raise UsageError(f"--resume: {folder.path}: {problem}")
@@ -274,13 +321,24 @@ def finetune(run: TransferRun, model: nn.Module, optimizer: torch.optim.Optimize
         run.runtime_skipped.update(state["skipped"])
         LOG.info("resumed %s at iteration %d of %d", folder.path, start, iters)
     writer = tensorboard_writer(run) if args.tensorboard else None
-    stream = batches(start)
+    stream = batches(start * accumulate)
     progress = tqdm(range(start, iters), desc=desc, unit="it", mininterval=2, initial=start, total=iters)
     for iteration in progress:
-        loss = step(next(stream))
-        if loss is not None:
-            sgd_update(loss, optimizer, scheduler, args.clip_grad)
-            losses = (losses + [loss.item()])[-100:]
+        if accumulate == 1:
+            loss = step(next(stream))
+            if loss is not None:
+                sgd_update(loss, optimizer, scheduler, args.clip_grad)
+                losses = (losses + [loss.item()])[-100:]
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            micro = accumulate_gradients(step, stream, accumulate)
+            if micro:  # as a skipped batch above: no micro-batch with a loss, no update
+                if args.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   args.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                losses = (losses + [sum(micro) / len(micro)])[-100:]
         done = iteration + 1
         if done % args.log_every == 0 or done == iters:
             recent = losses[-args.log_every:]
@@ -297,7 +355,8 @@ def finetune(run: TransferRun, model: nn.Module, optimizer: torch.optim.Optimize
                 "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "losses": losses,
                 # the data position: the stream restarts at batch `batches_drawn` (EpochBatches)
-                "data_state": {"batches_drawn": done, "seed": args.seed, "batch_size": args.batch_size},
+                "data_state": {"batches_drawn": done * accumulate, "seed": args.seed, "batch_size": args.batch_size},
+                "accumulate": accumulate,
                 "skipped": dict(run.runtime_skipped), "benchmark": run.benchmark, "encoder": run.encoder_name,
             })
     if writer is not None:

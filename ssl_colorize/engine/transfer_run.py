@@ -8,6 +8,8 @@
   docs/protocols.md section 3);
 * :func:`resolve_input` / :func:`to_model_input`: "inputs follow the encoder" -- L for L encoders, RGB
   for RGB encoders, or grey-replicated RGB (the L channel shown as neutral grey) for RGB encoders;
+* :func:`add_rescale_args` / :func:`resolve_rescale` / :func:`apply_rescale`: ``--rescale`` (Krähenbühl
+  et al.'s between-layer rescaling of the loaded weights, ssl_colorize.engine.rescale);
 * :class:`TransferRun`: the run folder (:class:`~ssl_colorize.engine.run.RunFolder`), its text log,
   the data reports and the result rows.
 """
@@ -29,6 +31,7 @@ from torch import nn
 
 from ssl_colorize.checkpoint_ref import CheckpointRef, parse_checkpoint_ref
 from ssl_colorize.data.voc import DataReport, split_file, year_dir
+from ssl_colorize.engine import rescale as rescaling
 from ssl_colorize.engine.cli import (
     UsageError, check_device, check_input_dir, check_tensorboard, check_non_negative, check_output_file, check_positive,
 )
@@ -201,6 +204,50 @@ def pad_value(mode: str) -> tuple[float, ...]:
     if mode == "L":
         return (L_CENTER,)
     return tuple(IMAGENET_MEAN)
+
+
+# ----------------------------------------------------------------------------------------------
+# The released post-processing of the loaded weights: --rescale
+# ----------------------------------------------------------------------------------------------
+
+def add_rescale_args(parser: argparse.ArgumentParser, batches: int) -> argparse.ArgumentParser:
+    """``--rescale`` / ``--no-rescale`` and ``--rescale-batches`` (default ``batches``)."""
+    g = parser.add_argument_group("rescaling (Krähenbühl et al., magic_init -cs)")
+    g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
+                   help="absorb BatchNorm and rescale the loaded layers to equal gradient-to-weight ratios, as "
+                        "the released models were (default: on for a pretrained checkpoint with --bn frozen, "
+                        "off for random)")
+    g.add_argument("--rescale-batches", type=int, default=batches,
+                   help="training batches (training augmentation) the rescaling measures on")
+    return parser
+
+
+def validate_rescale(args: argparse.Namespace) -> None:
+    check_positive("--rescale-batches", args.rescale_batches)
+    if args.rescale and getattr(args, "bn", "frozen") == "train":
+        raise UsageError("--rescale absorbs BatchNorm into the convolutions: use it with --bn frozen (or --no-rescale)")
+
+
+def resolve_rescale(args: argparse.Namespace, encoder: nn.Module, tap: str) -> bool:
+    """Whether the rescaling runs: ``--rescale`` / ``--no-rescale``, else on for a pretrained checkpoint of
+    an encoder it is defined for (a feed-forward chain), with ``--bn frozen``. UsageError when asked for
+    and impossible."""
+    why = rescaling.unsupported_reason(encoder, tap)
+    if args.rescale is None:
+        return not checkpoint_ref(args).is_random and getattr(args, "bn", "frozen") == "frozen" and why is None
+    if args.rescale and why:
+        raise UsageError(f"--rescale is not defined for {type(encoder).__name__}: {why} (use --no-rescale)")
+    return bool(args.rescale)
+
+
+def apply_rescale(run: "TransferRun", encoder: nn.Module, tap: str, batches: list[torch.Tensor], seed: int):
+    """Rescale ``encoder`` in place on ``batches`` (model inputs); its per-layer factors go to the log and
+    to the summary (``rescale``). Returns the report."""
+    report = rescaling.rescale_encoder_(encoder, tap, batches, seed=seed)
+    for line in report.lines():
+        LOG.info("%s", line)
+    run.extra["rescale"] = report.as_dict()
+    return report
 
 
 # ----------------------------------------------------------------------------------------------

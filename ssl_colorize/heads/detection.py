@@ -21,8 +21,9 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
+from tqdm import tqdm
 
-from ssl_colorize.data.voc import VOC_CLASSES
+from ssl_colorize.data.voc import VOC_CLASSES, boxes_to_inclusive
 from ssl_colorize.models.cards import card_of
 
 
@@ -117,3 +118,20 @@ def build_detector(encoder: nn.Module, *, train_sizes: Sequence[int], max_size: 
         box_batch_size_per_image=rois_per_image,
     )
     return model, description
+
+
+@torch.no_grad()
+def detect_all(model: FasterRCNN, loader, to_inputs, skipped=lambda items: None) -> dict[int, tuple]:
+    """index -> (devkit boxes (1-based inclusive), scores, labels 0..19) of every image of a loader of
+    ``DetectionImages`` batches; ``to_inputs(images)``: the model's input tensors; ``skipped`` gets each
+    batch's undecodable files."""
+    model.eval()
+    found = {}
+    for images, _, indices, skipped_items in tqdm(loader, desc="test", unit="batch", mininterval=2):
+        skipped(skipped_items)
+        if not images:
+            continue
+        for index, out in zip(indices, model(to_inputs(images))):
+            found[index] = (boxes_to_inclusive(out["boxes"].double().cpu().numpy()),
+                            out["scores"].double().cpu().numpy(), out["labels"].cpu().numpy() - 1)
+    return found

@@ -126,14 +126,23 @@ ALEXNET_GOYAL_POOLS = {"conv1": (19, 4, 0), "conv2": (12, 3, 0), "conv3": (9, 1,
                        "conv5": (8, 1, 0)}
 
 
-# The released solver (models/alexnet_lab/solver.prototxt ... see docs/protocols.md section 3): 180 px
-# crops, batch 80, Adam (0.9, 0.999), wd 1e-3, lr 3e-5 -> 1e-5 -> 3e-6 -> 1e-6 at 240k / 300k / 400k,
-# 450k iterations. Transfer as CaffeNet (227 px, the "transfer" geometry: same weights).
+# The released recipe (richzhang/colorization; docs/protocols.md section 3, docs/pretraining.md):
+# - train_alexnet/solver0..3.prototxt: type Adam, momentum 0.9 / momentum2 0.999, weight_decay 0.001,
+#   base_lr 3e-5 / 1e-5 / 3e-6 / 1e-6 up to max_iter 240k / 300k / 400k / 450k;
+# - train_alexnet/train_val.prototxt: crop_size 180, batch_size 80; conv/fc ``param { lr_mult: 1
+#   decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }`` (biases lr x2, no decay); BatchNorm with
+#   ``batch_norm_param {}`` (moving_average_fraction 0.999: torch momentum 0.001); the loss
+#   ``SoftmaxCrossEntropyLoss`` with ``loss_param { normalize: True }`` (per pixel: "mean");
+# - train/readme (d): the LMDB images are 256x256 (squashed; "squash");
+# - train_alexnet/train_model.sh starts from mi.caffemodel, made by run_init.sh: magic_init ``-t kmeans``.
+# Transfer as CaffeNet (227 px, the "transfer" geometry: same weights).
 ALEXNET_LAB_CARD = EncoderCard(
     name="alexnet_lab",
     family="alexnet",
     pretrain=PretrainRecipe(180, 80, 450_000, 3e-5, (240_000, 300_000, 400_000), (1 / 3, 1 / 10, 1 / 30),
-                            (0.9, 0.999), 1e-3, source="released AlexNet-Lab solver"),
+                            (0.9, 0.999), 1e-3, resize=256, resize_mode="squash", loss_reduction="mean",
+                            init="kmeans", bias_lr_mult=2.0, bias_decay_mult=0.0, bn_momentum=0.001,
+                            source="released AlexNet-Lab solver (train_alexnet/solver0..3, train_val.prototxt)"),
     # The built-in default: 128 px images seen at 80 px (64 px crops), 120 steps of 32 with Adam at a
     # higher rate (3e-5 is tuned for 450k iterations), drops at 70% and 90% of the run. The architecture
     # is unchanged. Sized for <= ~5 min on a 2-core CPU (issue 16): 120 x 32 took 4.4 min there (15 img/s)

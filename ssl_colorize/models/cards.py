@@ -17,7 +17,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """A pretraining solver: crops, batch, iterations, Adam and the step schedule."""
+    """A pretraining solver: crops, batch, iterations, Adam and the step schedule, and the details of
+    the released training around them (each a ``ssl_colorize.pretrain`` option; docs/pretraining.md).
+
+    ``resize_mode``: "squash" (both sides to ``resize``, aspect not kept: the released 256x256 LMDB) or
+    "shorter" (the shorter side to ``resize``); ``loss_reduction``: "mean" over the loss grid's pixels or
+    "sum" over each image's grid, mean over the images (``ssl_colorize.losses``); ``init``: "kmeans"
+    (Kraehenbuehl et al.'s data-dependent init) or "default" (the factories' own); ``bias_lr_mult`` /
+    ``bias_decay_mult``: Caffe's ``lr_mult`` / ``decay_mult`` of the bias blobs; ``bn_momentum``: torch's
+    BatchNorm momentum (Caffe's ``moving_average_fraction`` 0.999 is 0.001). The defaults are the
+    plain PyTorch choices.
+    """
 
     crop: int
     batch_size: int
@@ -29,6 +39,12 @@ class PretrainRecipe:
     weight_decay: float
     resize: int | None = 256
     source: str = ""  # the released file (and field) the values come from
+    resize_mode: str = "shorter"
+    loss_reduction: str = "mean"
+    init: str = "default"
+    bias_lr_mult: float = 1.0
+    bias_decay_mult: float = 1.0
+    bn_momentum: float = 0.1
 
 
 @dataclass(frozen=True)

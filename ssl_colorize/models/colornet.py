@@ -82,13 +82,26 @@ class ColorNet(Encoder):
         init_conv_weights_(self, head=self.head)
 
 
-# 176 px crops, batch 40, Adam (0.9, 0.99), wd 1e-3, lr 3e-5 with x0.1 steps, ~450k iterations
-# (docs/protocols.md section 3). No detection split: it has neither fc6 / fc7 nor res4 / res5.
+# The released recipe (richzhang/colorization; docs/protocols.md section 3, docs/pretraining.md):
+# - train/solver.prototxt: type Adam, momentum 0.9 / momentum2 0.99, weight_decay 0.001, base_lr 3e-5,
+#   lr_policy "step", gamma 0.1, stepsize 225000, max_iter 500000 (lr 3e-5 -> 3e-6 at 225k -> 3e-7 at
+#   450k; train/readme (a): "completes around 450k iterations"; the paper's 3e-5 -> 1e-5 at 200k ->
+#   3e-6 at 375k is ``--lr-steps 200000,375000 --lr-factors 0.3333,0.1``);
+# - models/colorization_train_val_v2.prototxt: crop_size 176, batch_size 40; no ``param`` blocks on the
+#   convolutions (biases lr x1 and decayed, Caffe's defaults); BatchNorm ``batch_norm_param {}``
+#   (moving_average_fraction 0.999: torch momentum 0.001); the loss ``SoftmaxCrossEntropyLoss`` with no
+#   ``loss_param``: resources/softmax_cross_entropy_loss_layer.cpp divides by ``num`` only ("sum");
+# - train/readme (d): the LMDB images are 256x256 (squashed); (1): init_v2.caffemodel from magic_init's
+#   k-means initialisation.
+# No detection split: it has neither fc6 / fc7 nor res4 / res5.
 COLORNET_CARD = EncoderCard(
     name="colornet",
     family="vgg",
-    pretrain=PretrainRecipe(176, 40, 450_000, 3e-5, (200_000, 375_000), (0.1, 0.01), (0.9, 0.99), 1e-3,
-                            source="released colorization solver"),
+    pretrain=PretrainRecipe(176, 40, 500_000, 3e-5, (225_000, 450_000), (0.1, 0.01), (0.9, 0.99), 1e-3,
+                            resize=256, resize_mode="squash", loss_reduction="sum", init="kmeans",
+                            bias_lr_mult=1.0, bias_decay_mult=1.0, bn_momentum=0.001,
+                            source="released colorization solver (train/solver.prototxt, "
+                                   "models/colorization_train_val_v2.prototxt)"),
     pretrain_builtin=PretrainRecipe(64, 8, 150, 3e-4, (100, 130), (0.3, 0.1), (0.9, 0.99), 1e-3, resize=80,
                                     source="built-in default"),
     # Probe: "zhang", the released probe of the colorization paper this network comes from; its Resize

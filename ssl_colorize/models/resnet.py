@@ -77,12 +77,17 @@ def _undo_stage_stride(stage: nn.Sequential) -> None:
 
 
 # Recipes: docs/protocols.md; there is no released colorization recipe for ResNet-50, so the
-# AlexNet solver at 224 px, batch 64, wd 1e-4 (usual for ResNets). Probe: Goyal et al. (wd 1e-4).
+# AlexNet solver at 224 px, batch 64, wd 1e-4 (usual for ResNets), with the AlexNet recipe's released
+# details (256x256 squashed images, biases lr x2 / no decay, BatchNorm momentum 0.001, per-pixel loss),
+# but torch's He init: Kraehenbuehl et al.'s code (magic_init) does not handle residual (DAG) networks
+# (its README; 'Split' is among its unsupported layers). Probe: Goyal et al. (wd 1e-4).
 RESNET50_LAB_CARD = EncoderCard(
     name="resnet50_lab",
     family="resnet",
     pretrain=PretrainRecipe(224, 64, 450_000, 3e-5, (240_000, 300_000, 400_000), (1 / 3, 1 / 10, 1 / 30),
-                            (0.9, 0.999), 1e-4, source="no released recipe: the AlexNet solver at 224 px, wd 1e-4"),
+                            (0.9, 0.999), 1e-4, resize=256, resize_mode="squash", loss_reduction="mean",
+                            init="default", bias_lr_mult=2.0, bias_decay_mult=0.0, bn_momentum=0.001,
+                            source="no released recipe: the AlexNet solver at 224 px, wd 1e-4"),
     pretrain_builtin=PretrainRecipe(64, 16, 150, 3e-4, (100, 130), (0.3, 0.1), (0.9, 0.999), 1e-4, resize=80,
                                     source="built-in default"),
     # Probe: Goyal et al. / VISSL's average pooling at 224 px, (kernel, stride, padding) per tap

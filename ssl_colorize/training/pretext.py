@@ -18,7 +18,7 @@ from ssl_colorize.color import rgb_to_lab
 from ssl_colorize.data import ImageFiles, builtin_pretrain_list, ensure_builtin_imagefolder
 from ssl_colorize.data.fast_path import TargetSpec, grid_targets, lightness_input
 from ssl_colorize.data.images import SkippedFile
-from ssl_colorize.data.transforms import center_crop, resize_shorter
+from ssl_colorize.data.transforms import center_crop, resize_for_crop
 from ssl_colorize.engine.cli import UsageError, check_number, check_positive, fail
 from ssl_colorize.engine.run import describe
 from ssl_colorize.inference import ab_to_rgb, colorize_tensor
@@ -58,7 +58,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise fail("--encoder", args.encoder, "has no pretraining recipe (no colour head)")
     cfg = {
         "encoder": args.encoder, "loss": args.loss, "seed": args.seed, "k": args.k, "sigma": args.sigma,
-        "lam": args.lam, "temperature": args.temperature, "init": args.init, "prior": args.prior,
+        "lam": args.lam, "temperature": args.temperature, "prior": args.prior,
         "data": args.data, "builtin": builtin, "recipe": recipe.source,
         "steps": args.steps if args.steps is not None else recipe.steps,
         "batch_size": args.batch_size if args.batch_size is not None else recipe.batch_size,
@@ -68,6 +68,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "betas": parse_numbers(args.betas, "--betas") if args.betas else recipe.betas,
         "weight_decay": args.weight_decay if args.weight_decay is not None else recipe.weight_decay,
     }
+    # The released training's details (the recipe's fields, traced in the model files), each an option.
+    for key in ("resize_mode", "loss_reduction", "init", "bias_lr_mult", "bias_decay_mult", "bn_momentum"):
+        value = getattr(args, key, None)
+        cfg[key] = value if value is not None else getattr(recipe, key)
     for option, value in (("--steps", cfg["steps"]), ("--batch-size", cfg["batch_size"]), ("--lr", cfg["lr"]),
                           ("--sigma", args.sigma), ("--temperature", args.temperature),
                           ("--prior-images", args.prior_images), ("--ckpt-every", args.ckpt_every),
@@ -79,6 +83,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
     check_number("--k", args.k, minimum=1, maximum=NUM_BINS)
     check_number("--lam", args.lam, minimum=0, maximum=1)
     check_number("--weight-decay", cfg["weight_decay"], minimum=0)
+    check_number("--bias-lr-mult", cfg["bias_lr_mult"], minimum=0)
+    check_number("--bias-decay-mult", cfg["bias_decay_mult"], minimum=0)
+    check_number("--bn-momentum", cfg["bn_momentum"], minimum=0, maximum=1)
+    if cfg["bn_momentum"] == 0:
+        raise fail("--bn-momentum", args.bn_momentum, "must be > 0 (0 would never update the running statistics)")
     check_number("--preview-count", args.preview_count, minimum=0)
     check_number("--workers", args.workers, minimum=0)
     if len(cfg["betas"]) != 2 or not all(0 <= b < 1 for b in cfg["betas"]):
@@ -259,18 +268,20 @@ def class_prior(cfg: dict, files: ImageFiles, out: Path, device: torch.device, *
 
 
 def kmeans_warm_start(model: nn.Module, files: ImageFiles, cfg: dict, device: torch.device, progress: bool) -> None:
-    """--init kmeans: Kraehenbuehl et al.'s data-dependent initialisation on 64 centre crops."""
-    from ssl_colorize.kmeans_init import kmeans_init_
+    """--init kmeans: Kraehenbuehl et al.'s data-dependent initialisation on 64 centre crops (resized as
+    the training views are). The output mean each layer is given is magic_init's default bias ``-b 0.1``
+    (philkr/magic_init magic_init.py; ssl_colorize.kmeans_init says where the rest differs)."""
+    from ssl_colorize.kmeans_init import MAGIC_INIT_BIAS, kmeans_init_
 
     warm_indices = range(0, len(files), max(1, len(files) // 64))[:64]
     warm = [s.image for s in (files[i] for i in warm_indices) if hasattr(s, "image")]
-    warm = torch.stack([center_crop(resize_shorter(im, cfg["resize"]) if cfg["resize"] else im, cfg["crop"])
+    warm = torch.stack([center_crop(resize_for_crop(im, cfg["resize"], cfg["resize_mode"]), cfg["crop"])
                         for im in warm])
     L, _ = lab_inputs(warm.to(device), model.output_stride)
-    kmeans_init_(model, L, seed=cfg["seed"], progress=progress)
+    kmeans_init_(model, L, seed=cfg["seed"], progress=progress, output_mean=MAGIC_INIT_BIAS)
 
 
-def load_previews(paths, crop: int, resize: int | None, count: int) -> torch.Tensor | None:
+def load_previews(paths, crop: int, resize: int | None, count: int, resize_mode: str = "shorter") -> torch.Tensor | None:
     from ssl_colorize.data import read_image
 
     images = []
@@ -279,7 +290,7 @@ def load_previews(paths, crop: int, resize: int | None, count: int) -> torch.Ten
             image = read_image(path)
         except (RuntimeError, ValueError, OSError):
             continue
-        images.append(center_crop(resize_shorter(image, resize) if resize else image, crop))
+        images.append(center_crop(resize_for_crop(image, resize, resize_mode), crop))
     return torch.stack(images) if images else None
 
 
@@ -293,12 +304,51 @@ def lab_inputs(images_uint8: torch.Tensor, grid_stride: int) -> tuple[torch.Tens
     return lightness_input(images_uint8), grid_targets(images_uint8, TargetSpec(grid_stride, encode=False))[0]
 
 
+def is_bias(name: str, parameter: torch.Tensor) -> bool:
+    """A bias blob in Caffe's sense: a 1-d parameter named ``*.bias`` (convolutions, linear layers and
+    affine BatchNorms; the AlexNet-Lab and colornet BatchNorms have no affine parameters)."""
+    return parameter.dim() == 1 and name.rsplit(".", 1)[-1] == "bias"
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float = 1.0,
+                     bias_decay_mult: float = 1.0) -> list[dict]:
+    """The optimizer's groups as Caffe's per-blob ``lr_mult`` / ``decay_mult`` make them: the weights at
+    (lr, weight_decay), the biases at (lr x bias_lr_mult, weight_decay x bias_decay_mult). One group when
+    both multipliers are 1 (the plain PyTorch optimizer)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if bias_lr_mult == 1 and bias_decay_mult == 1:
+        return [{"params": [p for _, p in params], "lr": lr, "weight_decay": weight_decay}]
+    weights = [p for n, p in params if not is_bias(n, p)]
+    biases = [p for n, p in params if is_bias(n, p)]
+    return [{"params": weights, "lr": lr, "weight_decay": weight_decay},
+            {"params": biases, "lr": lr * bias_lr_mult, "weight_decay": weight_decay * bias_decay_mult}]
+
+
 def make_adam(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-              device: torch.device) -> torch.optim.Adam:
-    """Adam (L2 weight decay, as the released solver). On CUDA the fused kernel: the same update, one
-    launch for all parameters (measured on an H100: alexnet_lab 180 px x 80, 16.4 -> 15.0 ms per step)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+              device: torch.device, bias_lr_mult: float = 1.0, bias_decay_mult: float = 1.0) -> torch.optim.Adam:
+    """Adam (L2 weight decay, as the released solver: Caffe adds ``weight_decay x decay_mult x w`` to the
+    gradient before the update, which is torch's coupled ``weight_decay``), biases in their own group
+    (:func:`parameter_groups`). The lr schedule multiplies every group's own lr. On CUDA the fused
+    kernel: the same update, one launch for all parameters (measured on an H100: alexnet_lab 180 px x
+    80, 16.4 -> 15.0 ms per step)."""
+    groups = parameter_groups(model, lr, weight_decay, bias_lr_mult, bias_decay_mult)
+    return torch.optim.Adam(groups, lr=lr, betas=betas, weight_decay=weight_decay,
                             fused=True if device.type == "cuda" else None)
+
+
+def set_batchnorm_momentum_(model: nn.Module, momentum: float) -> int:
+    """Every BatchNorm's running-average momentum (torch's: running = (1 - m) running + m batch); returns
+    how many were set. Caffe's BatchNorm (``moving_average_fraction`` f, default 0.999) keeps
+    s = f s + 1, sum = f sum + batch and uses sum / s: the same exponential average with weight 1 - f,
+    divided by the weights accumulated so far, (1 - f^T). torch's momentum 1 - f differs from it only by
+    the initial value's remaining weight f^T (0.999^T < 1e-4 after 9.2k steps); both correct the
+    batch variance by m / (m - 1)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+            count += 1
+    return count
 
 
 class LossGridLogits(nn.Module):
@@ -318,10 +368,11 @@ def compute_loss(model: nn.Module, L: torch.Tensor, ab: torch.Tensor, cfg: dict,
     image_weights = (~grey_mask(ab)).float()  # grey images carry no colour signal [code]
     with torch.autocast(L.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(L, tuple(ab.shape[-2:]))
+    reduction = cfg.get("loss_reduction", "mean")
     if cfg["loss"] == "l2":
-        return l2_loss(out.float(), ab, image_weights)
+        return l2_loss(out.float(), ab, image_weights, reduction=reduction)
     return soft_target_cross_entropy(out, ab, class_weights, k=cfg["k"], sigma=cfg["sigma"],
-                                     image_weights=image_weights, encoded=encoded)
+                                     image_weights=image_weights, encoded=encoded, reduction=reduction)
 
 
 def write_preview(model: nn.Module, images: torch.Tensor, path: Path, temperature: float) -> None:
