@@ -157,7 +157,8 @@ ALEXNET_LAB_CARD = EncoderCard(
         crop=227, feature_tap="fc7", detection_tap="conv5", detection_head_stages=("fc6", "fc7"), detection_roi=6,
         segmentation_tap="fc7", scopes={"fc8": (), "fc6-8": ("pool5", "fc6", "fc7"), "all": None},
         model_kwargs={"geometry": "transfer"},
-        # classification_trainval.prototxt (feature_learning_tests/classification): drop6 / drop7 (0.5);
+        # feature_learning_tests/classification/dummy.prototxt (richzhang/colorization): drop6 / drop7 after
+        # relu6 / relu7, dropout_ratio 0.5 (the classification_trainval.prototxt the test script names is not released);
         # detection as the paper: Fast R-CNN over selective-search proposals (docs/protocols.md section 5).
         dropout_after=("fc6", "fc7"), detector="fast-rcnn"),
     description="the paper's AlexNet on L",

@@ -74,7 +74,7 @@ class TransferDefaults:
     the box head made of those stages, RoI output size); ``segmentation_tap``: what the FCN scores;
     ``scopes``: stage names each ``--finetune`` scope trains besides the new head (None: all);
     ``dropout_after``: stages followed by dropout (p 0.5) when VOC classification fine-tunes them (the
-    released ``classification_trainval.prototxt`` has drop6 / drop7 after fc6 / fc7);
+    released ``feature_learning_tests/classification/dummy.prototxt`` has drop6 / drop7 after fc6 / fc7);
     ``detector``: the default ``--detector`` of VOC detection ("fast-rcnn": the paper's protocol over
     precomputed proposals; "faster-rcnn": the modern protocol with a learnt RPN).
     """
