@@ -14,6 +14,7 @@ from torchvision.models.detection._utils import BoxCoder
 from ssl_colorize.benchmarks import voc_detection as det_bench
 from ssl_colorize.data.builtin_voc import make_voc_fixture, synthetic_proposals
 from ssl_colorize.data.voc import DetectionRecord, load_main_split, read_ids
+from ssl_colorize.engine.detection_recipe import resolve_detector
 from ssl_colorize.heads import fast_rcnn
 from ssl_colorize.models import create_model
 from voc_testing import check_bad_inputs_reported, check_rows, common, make_small_voc
@@ -161,11 +162,11 @@ def test_head_dropout_in_training_only_and_loss_by_hand():
 
 def test_default_detector_follows_the_card():
     parsed = det_bench.get_args_parser().parse_args([])
-    assert det_bench.resolve_detector(parsed, "alexnet_lab") == "fast-rcnn"
-    assert det_bench.resolve_detector(parsed, "alexnet_rgb_torchvision") == "fast-rcnn"
-    assert det_bench.resolve_detector(parsed, "resnet50_lab") == "faster-rcnn"
+    assert resolve_detector(parsed, "alexnet_lab") == "fast-rcnn"
+    assert resolve_detector(parsed, "alexnet_rgb_torchvision") == "fast-rcnn"
+    assert resolve_detector(parsed, "resnet50_lab") == "faster-rcnn"
     parsed = det_bench.get_args_parser().parse_args(["--detector", "faster-rcnn"])
-    assert det_bench.resolve_detector(parsed, "alexnet_lab") == "faster-rcnn"
+    assert resolve_detector(parsed, "alexnet_lab") == "faster-rcnn"
 
 
 def test_fast_rcnn_end_to_end(voc, proposals, tmp_path):

@@ -1,5 +1,6 @@
 """Exact resume of the VOC fine-tuning runs: a run killed with SIGKILL mid-training and resumed with
---resume ends with the weights of an uninterrupted run (classification, detection, segmentation)."""
+--resume ends with the weights of an uninterrupted run (classification, detection with
+Fast R-CNN and with Faster R-CNN, segmentation)."""
 
 import json
 import os
@@ -23,9 +24,13 @@ RECIPES = {
     # encoder fine-tuned), at a fraction of fc6-8's cost
     "voc_classification": (voc_classification, ["--finetune", "fc8", "--batch-size", 2, "--test-crops", 1,
                                                 "--eval-batch-size", 6]),
+    # alexnet_lab's default detector, Fast R-CNN over the fixture's proposals, and Faster R-CNN (a learnt RPN)
     "voc_detection": (voc_detection, ["--train-sizes", "64,80", "--test-size", 72, "--max-size", 128,
-                                      "--anchor-sizes", "16,32,64", "--rpn-train-proposals", 64,
-                                      "--rpn-test-proposals", 32, "--rois-per-image", 16]),
+                                      "--rois-per-image", 16]),
+    "voc_detection_faster_rcnn": (voc_detection, ["--detector", "faster-rcnn", "--train-sizes", "64,80",
+                                                  "--test-size", 72, "--max-size", 128, "--anchor-sizes", "16,32,64",
+                                                  "--rpn-train-proposals", 64, "--rpn-test-proposals", 32,
+                                                  "--rois-per-image", 16]),
     # torchvision AlexNet: its FCN scores conv5 (no fc6 / fc7 to train), the cheapest fine-tuning here
     # (--accumulate 2: each update from two batches, as the released recipe's iter_size)
     "voc_segmentation": (voc_segmentation, ["--encoder", "alexnet_rgb_torchvision", "--recipe", "quick",
@@ -59,7 +64,7 @@ def test_killed_and_resumed_run_reaches_the_uninterrupted_weights(benchmark, voc
     out = tmp_path / "killed"
     # One intra-op thread, as in this process (conftest): the same reduction order, the same floats.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", f"ssl_colorize.benchmarks.{benchmark}",
+    proc = subprocess.Popen([sys.executable, "-m", module.__name__,
                              *argv(benchmark, voc, out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

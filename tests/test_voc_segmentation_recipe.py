@@ -18,6 +18,7 @@ from scipy.io import savemat
 from torch import nn
 
 from ssl_colorize.benchmarks import voc_segmentation as seg_bench
+from ssl_colorize.engine import segmentation_recipe
 from ssl_colorize.data.voc_segmentation import (
     SBDLayoutError, VOCSegmentation, check_sbd, load_sbd_split, read_mask, seg11valid_file,
 )
@@ -25,6 +26,7 @@ from ssl_colorize.engine.finetune import accumulate_gradients, caffe_param_group
 from ssl_colorize.heads.segmentation import FCN32s
 from ssl_colorize.models import create_model
 from ssl_colorize.results import read_rows
+from ssl_colorize.voc_metrics import ConfusionMatrix
 from voc_testing import common, make_small_voc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,15 +83,15 @@ def test_shipped_seg11valid_list_matches_its_provenance():
 
 def test_released_recipe_resolves_to_the_traced_values():
     args = seg_bench.get_args_parser().parse_args(["--data", "somewhere"])
-    recipe = seg_bench.apply_recipe(args, builtin=False)
-    assert recipe is seg_bench.RELEASED and args.recipe == "released"
+    recipe = segmentation_recipe.apply_recipe(args, builtin=False)
+    assert recipe is segmentation_recipe.RELEASED and args.recipe == "released"
     assert (args.lr, args.batch_size, args.accumulate, args.crop, args.clip_grad) == (1e-4, 1, 20, None, 0.0)
     assert (args.momentum, args.weight_decay, args.bias_rule, args.year, args.dropout) == (0.9, 5e-4, "caffe", 2011, 0.5)
     assert Path(args.eval_ids) == seg11valid_file()
     assert (recipe.iters, recipe.milestones, recipe.gamma) == (150_000, (50_000, 100_000), 0.1)
     # the built-in data: the quick recipe; an option given overrides either recipe
     quick = seg_bench.get_args_parser().parse_args(["--lr", "0.5"])
-    assert seg_bench.apply_recipe(quick, builtin=True) is seg_bench.QUICK
+    assert segmentation_recipe.apply_recipe(quick, builtin=True) is segmentation_recipe.QUICK
     assert (quick.lr, quick.batch_size, quick.crop, quick.eval_ids, quick.year) == (0.5, 8, 320, None, 2012)
 
     # lr 1e-4 -> 1e-5 -> 1e-6 at 50k and 100k of 150k; biases at 2 x lr without weight decay
@@ -159,7 +161,7 @@ def test_released_recipe_runs_end_to_end_on_voc2011_and_sbd(voc11, tmp_path, mon
     shipped = tmp_path / "list" / "seg11valid.txt"  # stands in for the shipped list (the fixture's ids)
     shipped.parent.mkdir()
     shipped.write_text("\n".join(val[:3]) + "\n")
-    monkeypatch.setattr(seg_bench, "seg11valid_file", lambda: shipped)
+    monkeypatch.setattr(segmentation_recipe, "seg11valid_file", lambda: shipped)
     summary = seg_bench.cli(common(voc11, tmp_path, "--sbd", voc11.root, "--iters", 4, "--log-every", 1,
                                    "--encoder", "alexnet_rgb_torchvision"))  # conv5 FCN: the cheapest
     rows = read_rows(tmp_path / "voc.csv")
@@ -227,5 +229,22 @@ def test_rescale_starts_from_the_rescaled_model_as_released(voc11, tmp_path):
     hparams = json.loads(read_rows(tmp_path / "voc.csv")["hparams"].iloc[0])
     assert hparams["rescale"] is True
     # one batch of random crops of the training images (the fixture has fewer than a batch of 16)
-    assert summary["rescale"]["images"] == min(seg_bench.RESCALE_BATCH_SIZE, hparams["train_images"])
+    assert summary["rescale"]["images"] == min(segmentation_recipe.RESCALE_BATCH_SIZE, hparams["train_images"])
     assert summary["rescale"]["absorbed_batchnorms"] and summary["rescale"]["layers"][-1] == "top"
+
+
+def test_result_rows_from_a_hand_computed_confusion_matrix():
+    """Ground truth [0 0 1 1 255], prediction [0 1 1 1 0]: class 0 TP 1 FN 1 -> IoU 1/2, class 1 TP 2 FP 1
+    -> IoU 2/3, the ignored pixel left out (pixel accuracy 3/4), the other 19 classes absent."""
+    confusion = ConfusionMatrix()
+    confusion.update(torch.tensor([0, 1, 1, 1, 0]), torch.tensor([0, 0, 1, 1, 255]))
+    rows = []
+    run = type("Rows", (), {"row": lambda self, **row: rows.append(row)})()
+    metrics = segmentation_recipe.add_result_rows(run, confusion, tap="all", dataset="voc2011", split="seg11valid",
+                                                  protocol="fcn32s", hparams={"recipe": "released"})
+    assert metrics["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert metrics["pixel_accuracy"] == pytest.approx(75.0)
+    assert (metrics["IoU_background"], metrics["IoU_aeroplane"]) == pytest.approx((50.0, 200 / 3))
+    assert [r["metric"] for r in rows[:3]] == ["mIoU", "pixel_accuracy", "IoU_background"] and len(rows) == 23
+    assert all(r["hparams"] == {"recipe": "released", "classes_present": 2} and r["dataset"] == "voc2011"
+               for r in rows)

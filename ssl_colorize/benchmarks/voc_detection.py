@@ -1,5 +1,5 @@
 """PASCAL VOC2007 object detection on the pretrained encoder: Fast R-CNN as the paper (default for
-AlexNets), or torchvision's Faster R-CNN (docs/protocols.md section 5).
+AlexNets), or torchvision's Faster R-CNN (docs/protocols.md section 5; docs/voc.md).
 
     python -m ssl_colorize.benchmarks.voc_detection --checkpoint ck.pth --data /datasets --proposals /datasets/ss
     python -m ssl_colorize.benchmarks.voc_detection --checkpoint ck.pth --data /datasets --detector faster-rcnn
@@ -8,31 +8,20 @@ AlexNets), or torchvision's Faster R-CNN (docs/protocols.md section 5).
 ``--detector`` (default: the encoder card's ``transfer.detector``: fast-rcnn for the AlexNets,
 faster-rcnn for resnet50_lab):
 
-* ``fast-rcnn`` -- the paper's protocol, as released (rbgirshick/fast-rcnn; ssl_colorize.heads.fast_rcnn):
-  precomputed proposals (``--proposals``: a folder holding ``voc_2007_trainval.mat`` and
-  ``voc_2007_test.mat``, the released selective-search files; the built-in devkit ships its own),
-  RoI max pooling on the card's detection tap (conv5), the card's head stages (fc6, fc7, dropout 0.5),
-  a 21-way classifier and an 84-way box regressor. Training: minibatches of 128 RoIs over 2 images (25%
-  foreground), ground-truth boxes added to the proposals, difficult objects kept (as released;
-  ``--skip-difficult`` drops them), per-class normalised box targets, horizontal flips, multi-scale
-  (shorter side drawn from 480, 576, 688, 864, 1200, longer side at most 2000:
-  ``experiments/cfgs/multiscale.yml`` TRAIN.SCALES / MAX_SIZE); SGD lr 1e-3, momentum 0.9, weight decay
-  5e-4, biases at lr x2 without decay (``models/CaffeNet/solver.prototxt`` base_lr / momentum /
-  weight_decay; ``train.prototxt`` lr_mult / decay_mult), no gradient clipping; the paper's schedule,
-  150k iterations with lr /10 every 50k (the released CaffeNet solver: 40k, stepsize 30000; the
-  self-supervised evaluation fork SimuJenni/fast-rcnn: stepsize 50000, every layer trained, conv1
-  included). Test: shorter side 600 (config.py TEST.SCALES; the fork's multiscale.yml TEST.SCALES [600]),
-  score > 0.05, per-class NMS 0.3, at most 100 per image (test.py ``test_net``; config.py TEST.NMS).
-* ``faster-rcnn`` -- the modern protocol: torchvision's Faster R-CNN (no pretrained weights, nothing is
-  downloaded; ssl_colorize.heads.detection) with a learnt RPN, RoIAlign, the encoder's head stages, 2
-  images of 64 RoIs, sizes 480-800 / 1000, lr 1e-3 and the same 150k / 50k schedule, NMS 0.5
-  (torchvision's), difficult objects left out, gradients clipped at 10.
+* ``fast-rcnn`` -- the paper's protocol as released (rbgirshick/fast-rcnn): ``--proposals``, a folder
+  holding the released selective-search files ``voc_2007_trainval.mat`` and ``voc_2007_test.mat`` (the
+  built-in devkit ships its own); RoI max pooling on conv5, fc6 / fc7 with dropout, 128 RoIs over 2
+  images, multi-scale training 480..1200, SGD lr 1e-3 (biases x2, no decay), 150k iterations with lr /10
+  every 50k; test at 600, score > 0.05, per-class NMS 0.3. Each value's released file and field:
+  docs/voc.md (detection) and ssl_colorize.heads.fast_rcnn; defaults in ssl_colorize.engine.detection_recipe.
+* ``faster-rcnn`` -- the modern protocol: torchvision's Faster R-CNN (nothing is downloaded) with a learnt
+  RPN, RoIAlign, the encoder's head stages, 2 images of 64 RoIs, sizes 480-800 / 1000, the same schedule,
+  NMS 0.5, difficult objects left out, gradients clipped at 10.
 
-Both: every layer of the encoder is fine-tuned, its BatchNorms frozen (folded) unless ``--bn train``;
-images in the encoder's own input units; ``--iters`` scales the lr steps with it (1500 iterations on the
-built-in data). Evaluation by ssl_colorize.voc_metrics.detection_ap: the VOC2007 devkit's rule (IoU >=
-0.5, greedy by score, duplicates false, difficult objects neither counted nor penalised), 11-point AP by
-default, ``--ap-metric area`` for the VOC2010+ variant.
+Both fine-tune every encoder layer (BatchNorm frozen unless ``--bn train``); ``--iters`` scales the lr
+steps with it (built-in data: 360 iterations for fast-rcnn, 1500 for faster-rcnn, smaller scales).
+Evaluation: the VOC2007 devkit's AP (ssl_colorize.voc_metrics.detection_ap), 11-point by default,
+``--ap-metric area`` for the VOC2010+ variant.
 
 Rows: benchmark ``voc_detection``, tap ``all``, protocol ``fast_rcnn_11point`` / ``faster_rcnn_11point``
 (or ``_area``), hparams ``detector``; metrics ``mAP`` and ``AP_<class>`` (percent). As published (Fast
@@ -45,51 +34,31 @@ checkpoint every ``--ckpt-every`` iterations, ``--resume`` continues exactly whe
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ssl_colorize.data.proposals import FastRCNNImages, proposal_file, read_proposals
-from ssl_colorize.data.voc import (
-    VOC_CLASSES, DetectionImages, DetectionRecord, ListBatch, find_devkit, load_main_split, read_ids, split_file,
-    year_dir,
-)
+from ssl_colorize.data.voc import VOC_CLASSES, ListBatch, load_main_split
 from ssl_colorize.engine.cli import (
-    ArgumentParser, UsageError, check_input_dir, check_non_negative, check_number, check_positive, fail, run_cli,
+    ArgumentParser, UsageError, check_non_negative, check_number, check_positive, run_cli,
+)
+from ssl_colorize.engine.detection_recipe import (
+    BUILTIN_ITERS, BUILTIN_SIZES, DEFAULT_SIZES, DETECTORS, PROTOCOL_GAMMA, PROTOCOL_ITERS, PROTOCOL_STEP,
+    check_proposals, detector_settings, resolve_detector, resolve_sizes, score, setup_detector,
 )
 from ssl_colorize.engine.finetune import (
-    BN_MODES, add_training_args, batch_stream, caffe_param_groups, finetune, schedule_length, set_train_mode, step_lr,
+    BN_MODES, add_training_args, batch_stream, finetune, schedule_length, set_train_mode, step_lr,
 )
 from ssl_colorize.engine.transfer_run import (
-    TransferRun, add_common_args, checkpoint_ref, dataset_name, load_transfer_encoder, pad_value, resolve_data,
-    resolve_device, resolve_input, seed_everything, to_model_input, validate_common, validate_training,
+    TransferRun, add_common_args, checkpoint_ref, dataset_name, load_transfer_encoder, resolve_data, resolve_device,
+    resolve_input, seed_everything, validate_common, validate_training,
 )
-from ssl_colorize.heads import fast_rcnn
-from ssl_colorize.heads.detection import build_detector, detect_all, has_detection_split
+from ssl_colorize.heads.detection import has_detection_split
 from ssl_colorize.models.cards import get_card
-from ssl_colorize.voc_metrics import AP_METRICS, Detections, GroundTruth, detection_ap, mean_ap
+from ssl_colorize.voc_metrics import AP_METRICS, mean_ap
 
 LOG = logging.getLogger("ssl_colorize.voc.detection")
 BENCHMARK = "voc_detection"
-DETECTORS = ("fast-rcnn", "faster-rcnn")
-# The paper's schedule (docs/protocols.md section 5): 150k iterations, lr /10 every 50k.
-PROTOCOL_ITERS, PROTOCOL_STEP, PROTOCOL_GAMMA = 150_000, 50_000, 0.1
-BUILTIN_ITERS = 1500
-DEFAULT_SIZES = {
-    # experiments/cfgs/multiscale.yml TRAIN.SCALES, TRAIN.MAX_SIZE / TEST.MAX_SIZE 2000; config.py TEST.SCALES (600,)
-    "fast-rcnn": {"train": "480,576,688,864,1200", "test": 600, "max": 2000},
-    "faster-rcnn": {"train": "480,576,688,800", "test": 600, "max": 1000, "anchors": "32,64,128,256,512"},
-}
-BUILTIN_SIZES = {"train": "192,224,256,288", "test": 240, "max": 480, "anchors": "32,64,128,256"}
-#: Per detector: RoIs per image (fast-rcnn: config.py TRAIN.BATCH_SIZE 128 / IMS_PER_BATCH 2), gradient
-#: clipping (the released solver has none), score threshold (test.py thresh 0.05), NMS (TEST.NMS 0.3).
-DETECTOR_DEFAULTS = {
-    "fast-rcnn": {"rois_per_image": fast_rcnn.ROIS_PER_BATCH // fast_rcnn.IMAGES_PER_BATCH, "clip_grad": 0.0,
-                  "score_thresh": fast_rcnn.TEST_SCORE_THRESH, "nms": fast_rcnn.TEST_NMS},
-    "faster-rcnn": {"rois_per_image": 64, "clip_grad": 10.0, "score_thresh": 0.0, "nms": 0.5},
-}
 
 
 def get_args_parser(add_help: bool = True) -> ArgumentParser:
@@ -101,8 +70,9 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                         "(default: the encoder card's, fast-rcnn for AlexNets)")
     p.add_argument("--proposals", default=None,
                    help="fast-rcnn: folder holding voc_2007_trainval.mat and voc_2007_test.mat (+ "
-                        "voc_2012_trainval.mat with --add-voc12), the released selective-search layout (default: selective_search_data "
-                        "beside the VOCdevkit when it holds them, as the built-in data's; else required)")
+                        "voc_2012_trainval.mat with --add-voc12), the released selective-search layout (default: "
+                        "selective_search_data beside the VOCdevkit when it holds them, as the built-in data's; "
+                        "else required)")
     p.add_argument("--skip-difficult", action="store_true",
                    help="fast-rcnn: leave difficult objects out of training (the release keeps them)")
     p.add_argument("--add-voc12", action="store_true", help="train on VOC2007 trainval + VOC2012 trainval")
@@ -135,68 +105,11 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradients' global L2 norm, 0: off (default fast-rcnn 0, faster-rcnn 10)")
-    add_common_args(p, iters_help=f"training iterations (default {PROTOCOL_ITERS}, {BUILTIN_ITERS} on the built-in "
-                                  "data); the lr steps scale with it", job=BENCHMARK)
+    add_common_args(p, iters_help=f"training iterations (default {PROTOCOL_ITERS}; on the built-in data "
+                                  f"{BUILTIN_ITERS['fast-rcnn']} for fast-rcnn, {BUILTIN_ITERS['faster-rcnn']} for "
+                                  "faster-rcnn); the lr steps scale with it", job=BENCHMARK)
     add_training_args(p)
     return p
-
-
-def size_list(option: str, text: str) -> list[int]:
-    """``"480,576"`` -> [480, 576]; UsageError naming the option otherwise."""
-    try:
-        sizes = [int(s) for s in str(text).split(",")]
-    except ValueError:
-        raise fail(option, text, "must be comma-separated integers") from None
-    if not sizes or min(sizes) < 1:
-        raise fail(option, text, "sizes must be > 0")
-    return sizes
-
-
-def resolve_sizes(args, builtin: bool, detector: str) -> dict:
-    defaults = BUILTIN_SIZES if builtin else DEFAULT_SIZES[detector]
-    sizes = {"train": size_list("--train-sizes", args.train_sizes or defaults["train"]),
-             "test": args.test_size or defaults["test"], "max": args.max_size or defaults["max"]}
-    if detector == "faster-rcnn":
-        sizes["anchors"] = size_list("--anchor-sizes", args.anchor_sizes or defaults["anchors"])
-    return sizes
-
-
-def resolve_detector(args, encoder_name: str) -> str:
-    """``--detector``, else the encoder card's default."""
-    return args.detector or get_card(encoder_name).transfer.detector
-
-
-def detector_settings(args, detector: str) -> dict:
-    """The per-detector options with their defaults filled in."""
-    chosen = {k: getattr(args, k) for k in DETECTOR_DEFAULTS[detector]}
-    return {k: DETECTOR_DEFAULTS[detector][k] if v is None else v for k, v in chosen.items()}
-
-
-def proposal_splits(args) -> list[tuple[int, str]]:
-    return [(2007, "trainval"), (2007, "test")] + [(2012, "trainval")] * args.add_voc12
-
-
-def proposals_folder(args, data) -> Path | None:
-    """``--proposals``, else ``selective_search_data`` beside the VOCdevkit of ``data`` when it holds the
-    VOC2007 files (the released tree: ``data/selective_search_data``; the built-in data's), else None."""
-    if args.proposals is not None:
-        return Path(args.proposals)
-    from ssl_colorize.data.builtin_voc import PROPOSALS_DIR
-
-    try:
-        beside = find_devkit(data).parent / PROPOSALS_DIR
-    except ValueError:
-        return None
-    return beside if proposal_file(beside, 2007, "trainval").is_file() else None
-
-
-def load_proposals(folder, data, year: int, split: str) -> dict[str, np.ndarray]:
-    """The proposals of ``VOC<year>/ImageSets/Main/<split>.txt``'s ids (UsageError naming the file)."""
-    try:
-        ids = read_ids(split_file(year_dir(data, year), "Main", split))
-        return read_proposals(proposal_file(folder, year, split), ids)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def validate(args) -> None:
@@ -214,35 +127,8 @@ def validate(args) -> None:
     resolve_sizes(args, builtin=args.data is None, detector=detector)
     if get_card(name).transfer.detection_tap is None:
         raise UsageError(f"encoder {name} has no detection split")
-    if detector != "fast-rcnn":
-        return
-    if args.data is None and args.proposals is None:
-        return  # the built-in data's own proposals, written with it
-    folder = proposals_folder(args, args.data)
-    if folder is None:
-        raise UsageError("--proposals: required with --detector fast-rcnn and --data: a folder holding "
-                         "voc_2007_trainval.mat and voc_2007_test.mat (the released selective-search files)")
-    check_input_dir("--proposals", folder)
-    for year, split in proposal_splits(args):
-        if not proposal_file(folder, year, split).is_file():
-            raise fail("--proposals", folder, f"{proposal_file(folder, year, split)}: no such file")
-    if args.data is not None:  # layout and coverage now; the built-in data's ids are known once it exists
-        for year, split in proposal_splits(args):
-            load_proposals(folder, args.data, year, split)
-
-
-def model_inputs(images: list[torch.Tensor], mode: str, device: torch.device) -> list[torch.Tensor]:
-    """uint8 RGB images of any sizes -> the encoder's input units, one tensor per image, on device."""
-    return [to_model_input(im.to(device, non_blocking=True)[None], mode)[0] for im in images]
-
-
-def score(records: list[DetectionRecord], found: dict[int, tuple], metric: str) -> tuple[np.ndarray, int]:
-    """Per-class AP (20,) of the detections (index -> (devkit boxes, scores, labels 0..19)) and the
-    number of images evaluated."""
-    evaluated = sorted(found)
-    ground_truth = [GroundTruth(records[i].boxes, records[i].labels, records[i].difficult) for i in evaluated]
-    aps = detection_ap([Detections(*found[i]) for i in evaluated], ground_truth, len(VOC_CLASSES), metric=metric)
-    return aps, len(evaluated)
+    if detector == "fast-rcnn":
+        check_proposals(args)
 
 
 def main(args) -> dict:
@@ -269,34 +155,11 @@ def main(args) -> dict:
         mode = resolve_input(encoder, args.input)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    iters = schedule_length(args.iters, PROTOCOL_ITERS, builtin, BUILTIN_ITERS)
-    if detector == "fast-rcnn":  # the proposals are read (and checked) before anything is created
-        proposals_dir = proposals_folder(args, data_root)
-        if proposals_dir is None:  # the built-in cache was just written, or --data changed since validate
-            raise UsageError("--proposals: required with --detector fast-rcnn and --data")
-        test_proposals = load_proposals(proposals_dir, data_root, 2007, "test")
-        train_proposals = {}
-        for year, split in [(y, s) for y, s in proposal_splits(args) if s == "trainval"]:
-            train_proposals.update(load_proposals(proposals_dir, data_root, year, split))
-        try:
-            train_set = fast_rcnn.training_set(
-                train_records, train_proposals, rois_per_image=settings["rois_per_image"],
-                use_difficult=not args.skip_difficult, scales=sizes["train"], max_size=sizes["max"])
-        except ValueError as exc:
-            raise UsageError(f"--proposals {proposals_dir}: {exc}") from None
-        model = fast_rcnn.FastRCNN(encoder)
-        model.set_target_statistics(train_set.sampler.means, train_set.sampler.stds)
-        description = model.describe()
-        # train.prototxt: weights lr_mult 1 decay_mult 1, biases lr_mult 2 decay_mult 0
-        groups = caffe_param_groups(model.named_parameters(), args.lr, args.weight_decay)
-    else:
-        model, description = build_detector(
-            encoder, train_sizes=sizes["train"], max_size=sizes["max"], anchors=sizes["anchors"],
-            rpn_train_proposals=args.rpn_train_proposals, rpn_test_proposals=args.rpn_test_proposals,
-            score_thresh=settings["score_thresh"], detections_per_image=args.detections_per_image,
-            rois_per_image=settings["rois_per_image"])
-        train_set = DetectionImages(train_records, train=True)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    iters = schedule_length(args.iters, PROTOCOL_ITERS, builtin, BUILTIN_ITERS[detector])
+    # fast-rcnn's proposals are read (and checked) here, before anything is created
+    setup = setup_detector(detector, encoder, args, data_root=data_root, train_records=train_records, sizes=sizes,
+                           settings=settings, mode=mode, device=device)
+    model, train_set = setup.model, setup.train_set
 
     run = TransferRun(BENCHMARK, args, encoder_name, checkpoint_ref(args).label)
     run.folder.write_config({**vars(args), "iters": iters, "sizes": sizes, "input_mode": mode, "encoder": encoder_name,
@@ -304,65 +167,38 @@ def main(args) -> dict:
     for report in reports:
         run.add_report(report)
     model.to(device)
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(setup.param_groups, lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     scheduler = step_lr(optimizer, iters, PROTOCOL_ITERS, PROTOCOL_STEP, PROTOCOL_GAMMA)
     LOG.info("%s: %s; input %s; train sizes %s, test %d, max %d; %d iterations on %d images; %s",
-             encoder_name, description, mode, sizes["train"], sizes["test"], sizes["max"], iters,
+             encoder_name, setup.description, mode, sizes["train"], sizes["test"], sizes["max"], iters,
              len(train_set), device)
 
     def batches(start: int):
         return batch_stream(train_set, args.batch_size, seed=args.seed, start=start, workers=args.workers,
                             collate=ListBatch(3), drop_last=False)
 
-    pad = pad_value(mode)
-
     def step(batch):
         images, targets, _, skipped = batch
         model.train()
         set_train_mode(encoder, [encoder], args.bn)  # the whole encoder fine-tunes; BN per --bn
         run.skipped_at_runtime(skipped)
-        if not images:
-            return None
-        if detector == "faster-rcnn":
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            return sum(model(model_inputs(images, mode, device), targets).values())
-        scales = [t["scale"] for t in targets]
-        logits, deltas = model(fast_rcnn.image_batch(images, scales, lambda x: to_model_input(x, mode), pad, device),
-                               fast_rcnn.roi_batch([t["rois"] for t in targets], scales, device))
-        losses = fast_rcnn.fast_rcnn_loss(logits, deltas, torch.cat([t["labels"] for t in targets]).to(device),
-                                          torch.cat([t["bbox_targets"] for t in targets]).to(device))
-        return losses["loss_cls"] + losses["loss_bbox"]
+        return setup.loss(images, targets) if images else None
 
     losses = finetune(run, model, optimizer, scheduler, iters=iters, batches=batches, step=step, args=args,
                       desc=BENCHMARK)
 
-    if detector == "fast-rcnn":
-        test_set = FastRCNNImages(test_records, train=False, scales=[sizes["test"]], max_size=sizes["max"],
-                                  rois=[test_proposals[r.image_id] for r in test_records])
-        loader = DataLoader(test_set, batch_size=1, shuffle=False, num_workers=args.workers, collate_fn=ListBatch(3))
-        found = fast_rcnn.detect_all(model, loader, lambda x: to_model_input(x, mode), pad, device,
-                                     score_thresh=settings["score_thresh"], nms=settings["nms"],
-                                     max_per_image=args.detections_per_image, skipped=run.skipped_at_runtime)
-    else:
-        model.transform.min_size = (int(sizes["test"]),)  # single-scale test
-        loader = DataLoader(DetectionImages(test_records, train=False), batch_size=args.batch_size,
-                            shuffle=False, num_workers=args.workers, collate_fn=ListBatch(3))
-        found = detect_all(model, loader, lambda images: model_inputs(images, mode, device),
-                           skipped=run.skipped_at_runtime)
+    found = setup.detect(test_records, args.workers, run.skipped_at_runtime)
     aps, n_eval = score(test_records, found, args.ap_metric)
     aps = aps * 100
     hparams = {
         "detector": detector, "iters": iters, "lr": args.lr, "momentum": args.momentum,
         "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_sizes": sizes["train"],
         "test_size": sizes["test"], "max_size": sizes["max"], **settings, "bn": args.bn, "input": mode,
-        "model": description, "add_voc12": args.add_voc12, "ap_metric": args.ap_metric,
+        "model": setup.description, "add_voc12": args.add_voc12, "ap_metric": args.ap_metric,
         "data": str(data_root), "train_images": len(train_set), "test_images": n_eval,
-        "classes_with_objects": int(np.isfinite(aps).sum()),
+        "classes_with_objects": int(np.isfinite(aps).sum()), **setup.hparams,
     }
-    if detector == "fast-rcnn":
-        hparams.update(proposals=str(proposals_dir), skip_difficult=args.skip_difficult)
-    else:
-        hparams.update(anchors=",".join(map(str, sizes["anchors"])), rpn_test_proposals=args.rpn_test_proposals)
     row = dict(tap="all", dataset=dataset_name(builtin, "voc2007"), split="test",
                protocol=f"{detector.replace('-', '_')}_{args.ap_metric}", hparams=hparams)
     run.row(metric="mAP", value=mean_ap(aps), **row)
