@@ -112,6 +112,13 @@ def test_pretrained_checkpoint_is_rescaled_and_rows_say_so(voc, pretrained, tmp_
     assert all(h["rescale"] is True and h["dropout"] == 0.5 and h["dropout_after"] == ["fc6", "fc7"] for h in hparams)
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "conv1.conv: weights x" in log and "fc7.conv: weights x" in log
+    # resuming that run without the rescaling (BatchNorm modules back) is one clear line, nothing written
+    checkpoint = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    with pytest.raises(UsageError, match=r"--resume: .*does not fit this model.*--rescale"):
+        cls_bench.main(cls_bench.get_args_parser().parse_args(common(
+            voc, tmp_path, "--checkpoint", pretrained, "--finetune", "fc8", "--iters", 2, "--batch-size", 2,
+            "--test-crops", 1, "--eval-batch-size", 6, "--no-rescale", "--resume")))
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == checkpoint
 
 
 @pytest.mark.parametrize("option,value,named", [("--rescale-batches", 0, "--rescale-batches 0"),

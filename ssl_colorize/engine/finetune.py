@@ -313,7 +313,13 @@ def finetune(run: TransferRun, model: nn.Module, optimizer: torch.optim.Optimize
         if problem:
             run.close()
             raise UsageError(f"--resume: {folder.path}: {problem}")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another model: e.g. the run was --rescale'd (BatchNorm absorbed), or not
+            run.close()
+            first = str(exc).strip().splitlines()[0]
+            raise UsageError(f"--resume: {folder.path}: its checkpoint does not fit this model (the run used other "
+                             f"model options, e.g. --rescale, --colour-input; see its config.json): {first}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
