@@ -404,11 +404,12 @@ def _image_objects(folder: Path, image_id: str) -> tuple[np.ndarray, int, int]:
     (an id without a usable annotation still gets random proposals), else a nominal 100 x 100."""
     try:
         ann = parse_annotation(folder / "Annotations" / f"{image_id}.xml")
-        if ann.width > 0 and ann.height > 0:
-            boxes = np.array([o.bbox for o in ann.objects], dtype=np.float64).reshape(-1, 4) - 1.0
-            return boxes, ann.height, ann.width
     except VOCDataError:
-        pass
+        ann = None  # an unreadable annotation: the image's own size below, random proposals only
+    if ann is not None and ann.width > 0 and ann.height > 0:
+        from ssl_colorize.data.proposals import devkit_to_pixels
+
+        return devkit_to_pixels([o.bbox for o in ann.objects]), ann.height, ann.width
     try:
         with Image.open(folder / "JPEGImages" / f"{image_id}.jpg") as image:
             return np.zeros((0, 4)), image.height, image.width

@@ -15,6 +15,7 @@ the user's cue to ``pip install torchcodec`` (the ``ssl_colorize[torchcodec]`` e
 
 from __future__ import annotations
 
+import importlib
 import os
 from functools import lru_cache
 
@@ -31,7 +32,7 @@ _PILLOW_ONLY_MAGIC = (b"BM", b"II*\x00", b"MM\x00*", b"P6", b"P5", b"P3", b"P2")
 @lru_cache(maxsize=None)
 def torchcodec_available() -> bool:
     try:
-        import torchcodec.decoders  # noqa: F401
+        importlib.import_module("torchcodec.decoders")
     except (ImportError, OSError, RuntimeError):  # not installed, or its libraries do not load here
         return False
     return True

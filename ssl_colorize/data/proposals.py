@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssl_colorize.atomic import atomic_write
 from ssl_colorize.data.voc import DetectionRecord, SkippedItem, VOCImages
 
 #: The file names of the released selective-search data (pascal_voc.py: ``'voc_' + year + '_' + image_set``).
@@ -137,7 +138,7 @@ def read_proposals(path: str | os.PathLike, split_ids: Sequence[str]) -> dict[st
 
 def write_proposals(path: str | os.PathLike, proposals: dict[str, np.ndarray]) -> None:
     """Write ``id -> (K, 4) 0-based [x1 y1 x2 y2]`` in the released layout (``boxes`` 1 x N cell of
-    1-based ``[y1 x1 y2 x2]`` doubles, ``images`` N x 1 cell of ids); atomic (temporary file, rename)."""
+    1-based ``[y1 x1 y2 x2]`` doubles, ``images`` N x 1 cell of ids); never left half-written."""
     from scipy.io import savemat
 
     path = Path(path)
@@ -148,11 +149,8 @@ def write_proposals(path: str | os.PathLike, proposals: dict[str, np.ndarray]) -
         pixels = np.asarray(proposals[image_id], dtype=np.float64).reshape(-1, 4)
         cell[0, n] = pixels[:, (1, 0, 3, 2)] + 1.0
         names[n, 0] = image_id
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         savemat(handle, {"boxes": cell, "images": names})
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +184,7 @@ class FastRCNNImages(Dataset):
 
     ``target`` holds ``scale`` (the resize factor), ``rois`` (R, 4) float32 0-based inclusive pixels of
     the original (possibly mirrored) image, and in training ``labels`` (R,) 0..20 and ``bbox_targets`` (R, 4)
-    normalised regression targets of the sampled RoIs (:func:`ssl_colorize.heads.fast_rcnn.sample_rois`).
+    normalised regression targets of the sampled RoIs (:class:`ssl_colorize.heads.fast_rcnn.RoISampler`).
 
     Test: ``rois``, the proposals of each record, at the one scale ``scales[0]``. Training: ``sampler(index)``
     draws the image's RoIs (ssl_colorize.heads.fast_rcnn.RoISampler: ground truth + proposals, as the
