@@ -24,10 +24,11 @@ import torch.nn as nn
 from ssl_colorize import distributed as dist_env
 from ssl_colorize.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from ssl_colorize.data.fast_path import DATA_PATHS, TargetSpec, resolve_data_path
-from ssl_colorize.data.loader import PretrainLoader
+from ssl_colorize.data.loader import HAND_OFFS, TARGETS_ON, PretrainLoader
 from ssl_colorize.data.transforms import RESIZE_MODES
 from ssl_colorize.engine.cli import (
-    ArgumentParser, UsageError, check_input_file, check_input_path, check_tensorboard, check_output_file, fail, run_cli,
+    ArgumentParser, UsageError, check_input_file, check_input_path, check_number, check_output_file, check_tensorboard,
+    fail, run_cli,
 )
 from ssl_colorize.engine.run import RunFolder, add_run_args, check_run_folder, rng_state, seed_everything, set_rng_state
 from ssl_colorize.losses import REDUCTIONS
@@ -41,6 +42,7 @@ from ssl_colorize.training.pretext import (
     class_prior, compute_loss, kmeans_warm_start, load_previews, lr_at, make_adam, resolve_config,
     resolve_device, set_batchnorm_momentum_, write_preview,
 )
+from ssl_colorize.training.profile import PROFILER_WARMUP, SKIP_STEPS, StepProfiler
 from ssl_colorize.training.progress import MEASURED_STEPS, WARMUP_STEPS, Progress, duration, next_steps
 
 PRIOR_CHOICES = ("imagenet", "estimate")
@@ -100,6 +102,17 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                    help="workers: CPU worker processes decode, crop and soft-encode; device: batched nvJPEG "
                         "decoding, crops, L and targets on the GPU; auto: workers when this process may use "
                         ">= 8 cores (or on a CPU), else device on a GPU with nvJPEG")
+    p.add_argument("--targets-on", default="workers", choices=TARGETS_ON,
+                   help="with --data-path workers: where ab on the loss grid and its soft encoding are computed: "
+                        "workers (in the data workers, on the CPU) or device (on the training device, after "
+                        "the copy; frees the workers' time on a GPU); the same values either way")
+    p.add_argument("--hand-off", default="thread", choices=HAND_OFFS,
+                   help="on CUDA, how a batch reaches the step: thread (a producer thread copies and finishes "
+                        "batches on a side stream) or inline (the training thread itself, one batch ahead: no "
+                        "second Python thread competing with the one launching the kernels)")
+    p.add_argument("--profile", type=int, default=None, metavar="N",
+                   help=f"record N steps with torch.profiler after {SKIP_STEPS} steps: <run folder>/profile/ gets "
+                        "the Chrome trace, an op table and host/device time per step")
     p.add_argument("--ckpt-every", type=int, default=None, help="rolling checkpoint + preview every N steps")
     p.add_argument("--snapshot-every", type=int, default=None,
                    help="keep a snapshot every N steps (default: a third of the run; none for the built-in default)")
@@ -128,6 +141,13 @@ def validate(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise fail("--prior", args.prior, str(exc)) from None
     check_output_file("--out-csv", args.out_csv)
+    if args.profile is not None:
+        check_number("--profile", args.profile, minimum=1)
+        needed = SKIP_STEPS + PROFILER_WARMUP + args.profile
+        run_steps = min(cfg["steps"], args.stop_after or cfg["steps"])
+        if run_steps < needed:
+            raise fail("--profile", args.profile, f"needs {needed} steps ({SKIP_STEPS} skipped, {PROFILER_WARMUP} "
+                                                  f"warm-up, {args.profile} recorded); this run has {run_steps}")
     check_run_folder(cfg["out"], resume=args.resume, overwrite=args.overwrite)
     resolve_device(args.device)
     if args.tensorboard:
@@ -226,12 +246,13 @@ def main(args: argparse.Namespace) -> dict:
     loader = PretrainLoader(files, sampler, per_rank_batch, cfg["crop"], cfg["resize"], device, data_path,
                             workers=workers, channels_last=channels_last,
                             targets=TargetSpec(model.output_stride, cfg["k"], cfg["sigma"], encode=cfg["loss"] != "l2"),
-                            resize_mode=cfg["resize_mode"])
+                            resize_mode=cfg["resize_mode"], targets_on=args.targets_on, hand_off=args.hand_off)
     previews = (load_previews(held_out, cfg["crop"], cfg["resize"], args.preview_count, cfg["resize_mode"])
                 if main_process else None)
     guard = UnreadableGuard(cfg["data"] or "the built-in default", len(files))
 
     stop_at = min(cfg["steps"], args.stop_after) if args.stop_after is not None else cfg["steps"]
+    profiler = StepProfiler(out / "profile", args.profile if main_process else None, device)
     progress = Progress(step, stop_at, cfg["steps"], show_bar=not args.no_progress, main_process=main_process,
                         tensorboard_dir=out / "tensorboard" if args.tensorboard else None)
     progress.say(f"pretrain: {cfg['encoder']} on {'the built-in default' if cfg['builtin'] else cfg['data']} "
@@ -260,7 +281,7 @@ def main(args: argparse.Namespace) -> dict:
             save_checkpoint(out / "snapshots" / f"step_{step:07d}.pth", checkpoint_dict())
 
     train_model.train()
-    last_time, images_since = time.perf_counter(), 0
+    last_time, images_since, last_wait = time.perf_counter(), 0, 0.0
     last_loss = float("nan")
     # The logged loss is the mean over the steps since the last log line (summed on the device, read
     # once per line: no per-step host sync).
@@ -268,7 +289,8 @@ def main(args: argparse.Namespace) -> dict:
     batches = iter(loader)
     try:
         while step < stop_at:
-            batch = next(batches)
+            with profiler.region("data"):
+                batch = next(batches)
             batch_in_epoch += 1
             if batch_in_epoch == sampler.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
@@ -280,36 +302,48 @@ def main(args: argparse.Namespace) -> dict:
             guard.update(batch.skipped, batch.images.shape[0])
             if batch.images.shape[0] == 0:
                 continue
-            loss = compute_loss(train_model, batch.L, batch.ab, cfg, class_weights, amp_dtype, encoded=batch.encoded)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            with profiler.region("forward+loss"):
+                loss = compute_loss(train_model, batch.L, batch.ab, cfg, class_weights, amp_dtype, encoded=batch.encoded)
+            with profiler.region("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with profiler.region("optimizer"):
+                optimizer.step()
+                scheduler.step()
             step += 1
             images_since += batch.images.shape[0] * world
-            loss_sum += loss.detach().float()
-            loss_steps += 1
-            progress.step(step)
+            with profiler.region("bookkeeping"):
+                loss_sum += loss.detach().float()
+                loss_steps += 1
+                progress.step(step)
+            profiler.step()
             if step % args.log_every == 0 or step == stop_at:
                 if world > 1:
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= world
                 last_loss = float(loss_sum) / loss_steps
                 loss_sum.zero_()
-                loss_steps = 0
+                steps_logged, loss_steps = loss_steps, 0
                 now = time.perf_counter()
+                # data_wait_ms: the time per step the loop waited for its next batch (a data-bound run
+                # shows it near the step time, a compute-bound one near 0).
                 record = {"step": step, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_sec": images_since / (now - last_time), "skipped": skipped_total,
-                          "epoch": epoch, "time": time.time()}
-                last_time, images_since = now, 0
+                          "images_per_sec": images_since / (now - last_time),
+                          "data_wait_ms": 1e3 * (loader.wait_seconds - last_wait) / steps_logged,
+                          "skipped": skipped_total, "epoch": epoch, "time": time.time()}
+                last_time, images_since, last_wait = now, 0, loader.wait_seconds
                 progress.scalars(step, record)
                 if main_process:
                     run.log(record)
             if step % cfg["ckpt_every"] == 0 or step == stop_at:
-                save_all()
+                with profiler.region("checkpoint"):
+                    save_all()
     finally:
         batches.close()  # ends the loader's worker processes
+        profile_line = profiler.close()
         seconds = progress.close()
+    if profile_line:
+        progress.say(profile_line)
     if skipped_total:
         progress.say(f"pretrain: {skipped_total} unreadable image(s) were skipped"
                      + (f", e.g. {', '.join(skipped_names[:5])}" if skipped_names else ""), err=True)

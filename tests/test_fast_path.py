@@ -84,12 +84,14 @@ def _dense(indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, 313, h, w, dtype=weights.dtype).scatter_add_(1, indices, weights)
 
 
-@pytest.mark.parametrize("data_path,workers", [("workers", 0), ("workers", 1), ("device", 0), ("device", 1)])
-def test_fast_path_equals_the_trainers_path(image_folder, data_path, workers):
+@pytest.mark.parametrize("data_path,workers,targets_on,hand_off", [
+    ("workers", 0, "workers", "thread"), ("workers", 1, "workers", "thread"), ("workers", 1, "device", "thread"),
+    ("device", 0, "workers", "thread"), ("device", 1, "workers", "thread"), ("device", 1, "workers", "inline")])
+def test_fast_path_equals_the_trainers_path(image_folder, data_path, workers, targets_on, hand_off):
     files = ImageFiles(image_folder)
     sampler = ResumableSampler(len(files), BATCH, seed=5)
     loader = PretrainLoader(files, sampler, BATCH, CROP, RESIZE, "cpu", data_path=data_path, workers=workers,
-                            targets=TargetSpec(STRIDE))
+                            targets=TargetSpec(STRIDE), targets_on=targets_on, hand_off=hand_off)
     fast = list(loader)
     plain = _plain_batches(files, sampler, BATCH)
     assert len(fast) == len(plain) == len(loader)

@@ -85,7 +85,7 @@ def test_builtin_run_leaves_checkpoint_log_preview_and_snapshots(tmp_path, capsy
     assert (out / "checkpoint.pth").is_file() and (out / "config.json").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
-    assert all(r["images_per_sec"] > 0 and r["lr"] > 0 for r in log)
+    assert all(r["images_per_sec"] > 0 and r["lr"] > 0 and r["data_wait_ms"] >= 0 for r in log)
     previews = sorted(out.glob("preview_step*.png"))
     assert [p.name for p in previews] == ["preview_step0000003.png", "preview_step0000006.png"]
     w, h = Image.open(previews[-1]).size
@@ -288,7 +288,8 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys):
                           (["--lr-steps", "5,8", "--lr-factors", "0.1"], "--lr-factors"),
                           (["--data", str(tmp_path / "missing")], "--data"), (["--device", "tpu"], "--device tpu"),
                           (["--out-csv", str(tmp_path / "file" / "x.csv")], "--out-csv"),
-                          (["--resume", "--overwrite"], "--resume")):
+                          (["--resume", "--overwrite"], "--resume"), (["--targets-on", "gpu"], "--targets-on"),
+                          (["--steps", "5", "--profile", "3"], "--profile 3"), (["--profile", "0"], "--profile 0")):
         line = usage_error(capsys, ["--out", str(tmp_path / "r"), *extra])
         assert needle in line, line
     assert not (tmp_path / "r").exists()

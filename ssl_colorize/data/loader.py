@@ -36,6 +36,10 @@ from ssl_colorize.data.images import ImageFiles
 from ssl_colorize.data.transforms import RESIZE_MODES
 
 _DONE = object()
+#: Where the "workers" path computes the soft targets (``targets_on``; the trainer's ``--targets-on``).
+TARGETS_ON = ("workers", "device")
+#: How a CUDA batch reaches the training step (``hand_off``; the trainer's ``--hand-off``).
+HAND_OFFS = ("thread", "inline")
 
 
 class PretrainLoader:
@@ -56,6 +60,17 @@ class PretrainLoader:
         pin_memory: page-locked host batches (default: when the device is CUDA).
         resize_mode: "shorter" (the shorter side to ``resize``) or "squash" (both sides, aspect not kept);
             both data paths resize through :func:`~ssl_colorize.data.fast_path.crop_image`.
+        hand_off: how a CUDA batch reaches the step: "thread" (a producer thread finishes batches on a
+            side stream, ``prefetch`` ahead; the DataLoader pins them in its own thread) or "inline" (no
+            thread besides the training one: it pins and copies batch t+1 on a side stream, then hands
+            over batch t, so the copy overlaps step t-1's kernels still queued on the GPU; no other Python
+            thread competes for the interpreter with the one launching the kernels). On a CPU both are
+            the same: the training thread takes the workers' batches.
+        targets_on: where the "workers" path computes ab on the loss grid and its soft encoding:
+            "workers" (in the collate, on the CPU: 43% of a worker's time per image at the paper's
+            alexnet_lab sizes, measured on a 2-core EPYC) or "device" (after the copy, on the training
+            device; on CUDA on the producer thread's side stream). The values are the same either way.
+            The "device" path always computes them on the device.
     """
 
     def __init__(
@@ -73,6 +88,8 @@ class PretrainLoader:
         prefetch: int = 2,
         pin_memory: bool | None = None,
         resize_mode: str = "shorter",
+        targets_on: str = "workers",
+        hand_off: str = "thread",
     ):
         if batch_size < 1:
             raise ValueError(f"PretrainLoader: batch_size must be positive, got {batch_size}")
@@ -84,8 +101,13 @@ class PretrainLoader:
             raise ValueError(f"PretrainLoader: prefetch must be >= 1, got {prefetch}")
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"PretrainLoader: resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        if targets_on not in TARGETS_ON:
+            raise ValueError(f"PretrainLoader: targets_on must be one of {TARGETS_ON}, got {targets_on!r}")
+        if hand_off not in HAND_OFFS:
+            raise ValueError(f"PretrainLoader: hand_off must be one of {HAND_OFFS}, got {hand_off!r}")
+        self.hand_off = hand_off
         self.files, self.sampler, self.batch_size = files, sampler, int(batch_size)
-        self.crop, self.resize, self.resize_mode = int(crop), resize, resize_mode
+        self.crop, self.resize, self.resize_mode, self.targets_on = int(crop), resize, resize_mode, targets_on
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -107,8 +129,12 @@ class PretrainLoader:
             pin = False  # nvJPEG stages the bytes through its own pinned buffers
         else:
             dataset = SeededCrops(self.files, self.crop, self.resize, self.resize_mode)
-            collate = CropCollate(self.crop, self.targets, lightness=self.device.type == "cpu")
-            pin = self.pin_memory
+            # Targets left out of the collate are computed by _complete() on the device.
+            in_workers = self.targets if self.targets_on == "workers" else None
+            collate = CropCollate(self.crop, in_workers, lightness=self.device.type == "cpu")
+            # Inline, the training thread pins (in finish()): the DataLoader's pin thread would be a second
+            # Python thread in this process.
+            pin = self.pin_memory and self.hand_off == "thread"
         return DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
                           collate_fn=collate, pin_memory=pin, prefetch_factor=4 if self.workers else None,
                           persistent_workers=False, generator=torch.Generator().manual_seed(0))
@@ -151,6 +177,8 @@ class PretrainLoader:
                 skipped,
             )
         else:
+            if self.pin_memory and not host_batch.images.is_pinned():  # inline: no DataLoader pin thread
+                host_batch = host_batch.pin_memory()
             batch = host_batch.to(self.device, non_blocking=self.pin_memory)
         return self._complete(batch)
 
@@ -159,27 +187,54 @@ class PretrainLoader:
 
     # -------------------------------------------------------------------------------- iteration
     def __iter__(self):
-        if not self._needs_producer():
-            yield from self._iter_direct()
-        else:
+        if self.hand_off == "thread" and self._needs_producer():
             yield from self._iter_producer()
+        else:
+            yield from self._iter_inline()
 
-    def _iter_direct(self):
-        """CPU training with workers: the workers' batches are final."""
+    def _iter_inline(self):
+        """The training thread finishes the next batch (on CUDA: on a side stream, recorded with an event)
+        before it hands over the current one: one batch ahead, no other thread. On a CPU with the workers
+        path the workers' batches are then final but for the memory format."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
         iterator = iter(self.host_loader())
+
+        def start_next():
+            try:
+                host_batch = next(iterator)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                batch = self.finish(host_batch)
+                event = None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            return batch, event
+
         try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    return
-                batch = self._complete(batch)
+            start = time.perf_counter()
+            upcoming = start_next()
+            while upcoming is not None:
+                batch, event = upcoming
+                upcoming = start_next()  # while the GPU still runs the kernels the last step queued
+                if event is not None:
+                    self._wait_on_device(batch, event)
                 self.wait_seconds += time.perf_counter() - start
                 self.batches += 1
                 yield batch
+                start = time.perf_counter()
         finally:
             del iterator  # a consumer that stops early (an endless sampler) ends the worker processes now
+
+    def _wait_on_device(self, batch: PretrainBatch, event) -> None:
+        """The step's stream waits for the side stream's work on this batch (no host sync), and the
+        allocator must not recycle the batch's memory before the step is done with it."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for tensor in batch.tensors():
+            tensor.record_stream(current)
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         """Producer thread: finish host batches on a side stream, hand them over with an event."""
@@ -226,12 +281,7 @@ class PretrainLoader:
                     raise RuntimeError(f"the pretraining data path failed: {item}") from item
                 batch, event = item
                 if event is not None:
-                    # The step's stream waits for the side stream's work on this batch (no host sync),
-                    # and the allocator must not recycle the batch's memory before the step is done.
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    for tensor in batch.tensors():
-                        tensor.record_stream(current)
+                    self._wait_on_device(batch, event)
                 self.wait_seconds += time.perf_counter() - start
                 self.batches += 1
                 yield batch

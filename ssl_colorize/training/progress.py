@@ -65,9 +65,11 @@ class Progress:
                      f"about {duration(per_step * left)} for the {left} steps left")
 
     def scalars(self, step: int, record: dict) -> None:
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.1f}")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.1f}",
+                             data_ms=f"{record['data_wait_ms']:.1f}")
         if self.writer is not None:
             self.writer.add_scalar("train/loss", record["loss"], step)
+            self.writer.add_scalar("train/data_wait_ms", record["data_wait_ms"], step)
             self.writer.add_scalar("train/lr", record["lr"], step)
             self.writer.add_scalar("train/images_per_sec", record["images_per_sec"], step)
 
