@@ -133,10 +133,13 @@ def _nearest_bins_brute(ab: torch.Tensor, k: int) -> torch.Tensor:
     return indices
 
 
-def _nearest_bins(ab: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_bins(ab: torch.Tensor, k: int, from_srgb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest centres for every pixel: (indices (P, k), squared distances (P, k)), nearest first.
 
     ab is (P, 2) float32. Distances are exact: (a - a_c)^2 + (b - b_c)^2 of the chosen centres.
+    ``from_srgb``: ab of sRGB colours, which all lie inside the tabulated square (a in [-86.2, 98.3],
+    b in [-107.9, 94.5], against the square's [-130, 130); tests/test_targets.py converts the whole 256^3 cube), so the check for pixels
+    outside it is skipped: on a GPU that check reads a flag back to the host, a sync per batch.
     """
     table = _candidate_table(k)
     centers = bin_centers(ab.device, ab.dtype)
@@ -165,7 +168,7 @@ def _nearest_bins(ab: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         top = (da * da + db * db).topk(k, dim=1, largest=False, sorted=True)
         indices[sl] = candidates.gather(1, top.indices)
         dist_sq[sl] = top.values
-    if not bool(inside.all()):
+    if not from_srgb and not bool(inside.all()):
         outside = ~inside
         far_indices = _nearest_bins_brute(ab[outside], k)
         diff = centers[far_indices] - ab[outside][:, None, :]
@@ -184,14 +187,15 @@ def _device_table(k: int, device: torch.device) -> torch.Tensor:
 
 
 def soft_encode(
-    ab: torch.Tensor, k: int = DEFAULT_K, sigma: float = DEFAULT_SIGMA
+    ab: torch.Tensor, k: int = DEFAULT_K, sigma: float = DEFAULT_SIGMA, from_srgb: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-encode ab (N, 2, H, W) on the 313 bins (docs/protocols.md section 2).
 
     Returns ``(indices, weights)``, each (N, k, H, W): the k nearest bin centres (nearest first) and
     Gaussian weights exp(-d^2 / 2 sigma^2), normalised to sum 1 over k. The weights are computed as a
     softmax of -d^2 / 2 sigma^2, which is the same quantity but never underflows to 0/0 for ab far
-    outside the gamut.
+    outside the gamut. ``from_srgb``: the caller vouches that ab comes from sRGB colours (the data path's
+    uint8 images), which spares a GPU the device-to-host sync of the out-of-range check.
     """
     _check_ab(ab, "soft_encode")
     if not 1 <= k <= NUM_BINS:
@@ -201,7 +205,7 @@ def soft_encode(
     n, _, h, w = ab.shape
     with torch.no_grad():
         flat = ab.detach().float().permute(0, 2, 3, 1).reshape(-1, 2)
-        indices, dist_sq = _nearest_bins(flat, k)
+        indices, dist_sq = _nearest_bins(flat, k, from_srgb)
         # softmax(-d^2 / 2 sigma^2) over the k, spelled out and in place: the nearest (column 0) has the
         # largest score, so exp(0) = 1 is in every sum; torch.softmax over 10 columns was 4x slower on
         # the CPU, and a new tensor would add to the loss's peak memory.

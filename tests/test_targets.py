@@ -73,6 +73,25 @@ def test_soft_encode_weights_far_outside_the_gamut_are_finite():
     assert torch.isfinite(w).all() and torch.allclose(w.sum(1), torch.ones(1, 1, 2))
 
 
+def test_every_srgb_colour_lies_in_the_neighbour_table():
+    """soft_encode(from_srgb=True) skips the out-of-table check: every one of the 256^3 sRGB colours must
+    have its ab inside the tabulated square, and the encoding of such ab must not change without it."""
+    from ssl_colorize.color import rgb_to_lab
+
+    levels = torch.arange(256, dtype=torch.float32) / 255
+    g, b = torch.meshgrid(levels, levels, indexing="ij")
+    lo, hi = torch.full((2,), float("inf")), torch.full((2,), -float("inf"))
+    for r in levels:  # one 256 x 256 slice of the cube at a time
+        ab = rgb_to_lab(torch.stack([torch.full_like(g, float(r)), g, b])[None], validate=False)[0, 1:].reshape(2, -1)
+        lo, hi = torch.minimum(lo, ab.min(1).values), torch.maximum(hi, ab.max(1).values)
+    table_lo, table_hi = targets._CELL_LO, targets._CELL_LO + targets._CELLS * targets._CELL_SIZE
+    assert (lo > table_lo).all() and (hi < table_hi).all(), (lo, hi)
+    rgb = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0)).float() / 255
+    ab = rgb_to_lab(rgb, validate=False)[:, 1:]
+    checked, unchecked = soft_encode(ab), soft_encode(ab, from_srgb=True)
+    assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+
+
 def test_nearest_bin_on_grid_points():
     centers = bin_centers()
     ab = centers.T[None, :, None, :]  # every centre as a pixel

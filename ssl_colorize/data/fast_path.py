@@ -109,7 +109,8 @@ def grid_targets(images: torch.Tensor, spec: TargetSpec) -> tuple[torch.Tensor, 
     _check_images(images, "grid_targets")
     grid = decimate(images, spec.grid_stride)
     ab = rgb_to_lab(grid.float().div_(255.0), validate=False)[:, 1:].contiguous()
-    encoded = soft_encode(ab, k=spec.k, sigma=spec.sigma) if spec.encode else None
+    # ab of uint8 RGB: inside the neighbour table's square, so soft_encode skips its range check (a GPU sync).
+    encoded = soft_encode(ab, k=spec.k, sigma=spec.sigma, from_srgb=True) if spec.encode else None
     return ab, encoded
 
 
