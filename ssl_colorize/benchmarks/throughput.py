@@ -11,9 +11,11 @@ Sections (``--sections``, default all three), one module each in :mod:`ssl_color
   beyond the logits and their gradient.
 * ``pretrain`` (issues 7 and 14): per encoder with a colour head, at the card's pretraining sizes (or
   reduced ones with ``--quick``), the trainer's own loop (``ssl_colorize.pretrain.main`` on a JPEG list,
-  its rate read from ``log.jsonl`` after the warm-up) beside the compute-only bound (a synthetic batch on
-  the device) and the model's FLOPs per image, against the same step fed by the released code's data
-  path (PIL, scikit-image, scikit-learn, dense target).
+  once per ``--trainer-variants`` configuration, and on an ImageFolder across epoch boundaries, its rate
+  read from ``log.jsonl`` after the warm-up) beside the compute-only bound (a synthetic batch on the
+  device), the model's FLOPs per image and their share of the machine's measured matrix rate, the data
+  path alone and one worker's costs, against the same step fed by the released code's data path (PIL,
+  scikit-image, scikit-learn, dense target).
 * ``probe`` (issue 4): the linear probe's step, five taps read in one frozen pass against five
   single-tap runs, with the data read from JPEG files and on a synthetic batch.
 
@@ -34,7 +36,7 @@ from ssl_colorize.engine.cli import (
     ArgumentParser, UsageError, check_non_negative, check_number, check_output_dir, check_output_file,
     check_positive, fail, run_cli,
 )
-from ssl_colorize.throughput import loss, measure, pretrain, probe
+from ssl_colorize.throughput import loss, measure, pretrain, probe, trainer
 from ssl_colorize.training.pretext import COMPILE_MODES
 from ssl_colorize.throughput.report import Report, append_csv, is_throughput_table
 
@@ -79,9 +81,15 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                    help="folder of JPEGs for the real data path, written when empty "
                         "(default: a temporary folder written from the built-in photographs)")
     p.add_argument("--jpeg-size", type=int, default=256, help="shorter side of the written JPEGs (the paper's 256)")
-    p.add_argument("--jpeg-count", type=int, default=None, help="JPEGs to write (default: enough for one pass, at most 1024)")
+    p.add_argument("--jpeg-count", type=int, default=None,
+                   help=f"JPEGs to write (default: {pretrain.FOLDER_JPEGS}, the ImageFolder of the epoch-boundary "
+                        "measurement; --quick: enough for one pass, at most 1024)")
     p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="pretrain section: torch.compile the model in every variant with this mode (the trainer's --compile)")
+    p.add_argument("--trainer-variants", default=trainer.DEFAULT_VARIANT,
+                   help="pretrain section: ';'-separated trainer configurations, each measured as its own row: "
+                        "'default' (the trainer's defaults) or extra ssl_colorize.pretrain options, e.g. "
+                        "\"default;--compile reduce-overhead;--workers 15\"")
     p.add_argument("--target-images-per-s", type=float, default=None,
                    help="pretrain section: a rate the trainer should reach, printed as met / not met (issue 7: "
                         "5000 for alexnet_lab at 180 px on an H100-class GPU)")
@@ -124,6 +132,10 @@ def validate(args) -> None:
             if recipe is None:
                 raise fail("--encoders", args.encoders, f"{encoder} has no colour head (no pretraining recipe); "
                                                         f"choose from {', '.join(_pretrainable())}")
+        try:
+            trainer.parse_variants(args.trainer_variants)
+        except ValueError as exc:
+            raise fail("--trainer-variants", repr(args.trainer_variants), str(exc)) from None
     if "probe" in sections:
         _card(args.probe_encoder, "--probe-encoder", args.probe_encoder)
     if args.jpeg_dir is not None and ("pretrain" in sections or "probe" in sections):

@@ -1,26 +1,25 @@
 """Section ``pretrain`` (issues 7 and 14): the trainer's own loop, against what bounds it and what it replaces.
 
 Per encoder with a colour head, at the paper's sizes (the encoder card's pretraining recipe: crop and
-batch) or reduced ones with ``--quick`` (crop 64, a tenth of the batch, at least 4), three measurements:
+batch) or reduced ones with ``--quick`` (crop 64, a tenth of the batch, at least 4):
 
-* ``trainer``: the very function the CLI calls, ``ssl_colorize.pretrain.main`` on a parsed argument
-  namespace, reading a JPEG list file (``--data LIST --steps N --log-every K --out DIR --no-progress``).
-  The rate is read from the run's ``log.jsonl`` (``images_per_sec`` records) over the steady window after
-  the warm-up steps: the median record, as ``ms_per_step`` is a median elsewhere. Before it, the trainer's
-  data path alone (:mod:`ssl_colorize.data.fast_path`: JPEG -> L + soft targets, no network) is timed.
+* ``trainer`` (one row per configuration of ``--trainer-variants``) and ``trainer_folder``: the very
+  function the CLI calls, on a JPEG list and on an ImageFolder, its rate read from its own ``log.jsonl``
+  over the steady window after the warm-up; with the trainer's data path alone and one worker's costs
+  (:mod:`ssl_colorize.throughput.trainer`, :mod:`ssl_colorize.throughput.worker_cost`).
 * ``compute``: the bound no data path can beat, a synthetic batch whose L and soft targets are already on
   the device (network, loss, backward, Adam); and the model's FLOPs per image, counted with
   ``torch.utils.flop_counter.FlopCounterMode`` (forward, and forward + loss + backward).
 * ``reference``: the same step fed by the released code's data path (:class:`ssl_colorize.reference.ReferenceData`:
   PIL, scikit-image, scikit-learn, a dense target and loss), same model, batch and crops.
+
+Once per run, ``machine/matmul``: the device's dense matrix-multiply rate (:mod:`ssl_colorize.throughput.machine`),
+over which every row's achieved FLOP/s is its model FLOP utilisation.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +27,17 @@ from pathlib import Path
 import torch
 
 from ssl_colorize.targets import DEFAULT_K, DEFAULT_SIGMA
-from ssl_colorize.throughput import measure
+from ssl_colorize.throughput import machine, measure, trainer, worker_cost
 from ssl_colorize.throughput.report import TARGETS, Report
 from ssl_colorize.throughput.runner import run_all
 
-VARIANTS = ("compute", "trainer", "reference")
-#: Images the trainer holds out of a data set larger than 64 for its previews (ssl_colorize.pretrain.build_data).
-HELD_OUT = 8
+VARIANTS = ("compute", "reference", "trainer", "trainer_folder")
+#: JPEGs written by default at the paper's sizes: the ImageFolder of issue 14's epoch-boundary measurement
+#: (3,576 files there), so that an epoch is as long as it was.
+FOLDER_JPEGS = 3600
+#: The reference's timed (and warm-up) steps at most: at about 150 img/s on an H100 its rate is steady
+#: within a few steps, and 250 steps of it would take minutes of device time.
+REFERENCE_STEPS, REFERENCE_WARMUP = 20, 5
 
 
 def sizes(encoder: str, quick: bool, crop: int | None = None, batch: int | None = None) -> tuple[int, int]:
@@ -47,22 +50,6 @@ def sizes(encoder: str, quick: bool, crop: int | None = None, batch: int | None 
         raise ValueError(f"--encoders {encoder}: it has no colour head, so no pretraining recipe")
     default_crop, default_batch = (64, max(4, recipe.batch_size // 10)) if quick else (recipe.crop, recipe.batch_size)
     return crop or default_crop, batch or default_batch
-
-
-def steady_rate(records: list[dict], warmup: int) -> tuple[float, float, int]:
-    """(median, overall) images per second over the ``log.jsonl`` records after ``warmup`` steps, and
-    their count. A record covers the steps since the previous one; it counts when all of them come
-    after the warm-up. ``overall`` is the window's images over its time (the harmonic mean of the rates)."""
-    window, previous = [], 0
-    for record in sorted((r for r in records if "images_per_sec" in r), key=lambda r: r["step"]):
-        if previous >= warmup:
-            window.append((record["step"] - previous, float(record["images_per_sec"])))
-        previous = record["step"]
-    if not window:
-        raise ValueError(f"log.jsonl holds no rate record after the {warmup} warm-up steps")
-    rates = [rate for _, rate in window]
-    overall = sum(n for n, _ in window) / sum(n / rate for n, rate in window)
-    return statistics.median(rates), overall, len(window)
 
 
 def _model(job: dict, device: torch.device):
@@ -169,87 +156,17 @@ def job_reference(job: dict, device: torch.device) -> dict:
     return {**result, **measure.step_stats(times, batch), "data_wait_share": waited / sum(times)}
 
 
-def _data_only_rate(job: dict, device: torch.device, stride: int) -> tuple[float, str]:
-    """Images per second of the trainer's data path alone (the path 'auto' picks), first batch not counted."""
-    from ssl_colorize.data import ImageFiles
-    from ssl_colorize.data.fast_path import TargetSpec, resolve_data_path
-    from ssl_colorize.data.loader import PretrainLoader
-
-    files = ImageFiles(job["jpeg_dir"])
-    path = resolve_data_path("auto", device)
-    batches = max(job["steps"], 2 * job["workers"] + 3)
-    loader = PretrainLoader(files, measure.CyclingSampler(len(files), (batches + 1) * job["batch"], seed=7), job["batch"],
-                            job["crop"], job["resize"], device, path, workers=job["workers"],
-                            channels_last=device.type == "cuda", targets=TargetSpec(stride, DEFAULT_K, DEFAULT_SIGMA))
-    iterator = iter(loader)
-    next(iterator)  # worker start-up and the first batch are not counted
-    measure.sync(device)
-    start = time.perf_counter()
-    collections.deque(iterator, maxlen=0)
-    measure.sync(device)
-    return batches * job["batch"] / (time.perf_counter() - start), path
-
-
-#: Trainer options the measurement can do without (the rest are its public contract): left out, with a
-#: note, should a version of ``ssl_colorize.pretrain`` not have them.
-OPTIONAL_TRAINER_OPTIONS = ("--workers", "--ckpt-every", "--compile")
-
-
-def trainer_argv(job: dict, data_list: Path, out: Path, log_every: int) -> list[str]:
-    """The command line of the trainer's run (``ssl_colorize.pretrain``'s public options). The rolling
-    checkpoint and its preview come at the last step only, after the timed window."""
-    total = job["warmup"] + job["steps"]
-    argv = ["--encoder", job["encoder"], "--data", str(data_list), "--steps", str(total),
-            "--batch-size", str(job["batch"]), "--crop", str(job["crop"]), "--device", job["device"],
-            "--log-every", str(log_every), "--out", str(out), "--no-progress",
-            "--workers", str(job["workers"]), "--ckpt-every", str(total)]
-    return argv + (["--compile", job["compile"]] if job.get("compile") else [])
-
-
-def parse_trainer_args(parser, argv: list[str]):
-    """(namespace, optional options the trainer does not know); any other unknown option is an error."""
-    args, unknown = parser.parse_known_args(argv)
-    flags = [a for a in unknown if a.startswith("--")]
-    missing = [f for f in flags if f not in OPTIONAL_TRAINER_OPTIONS]
-    if missing:
-        raise RuntimeError(f"ssl_colorize.pretrain no longer takes {missing}: update ssl_colorize.throughput.pretrain")
-    return args, flags
-
-
-def job_trainer(job: dict, device: torch.device) -> dict:
-    from ssl_colorize import pretrain
-    from ssl_colorize.models import create_model
-
-    stride = create_model(job["encoder"]).output_stride
-    data_rate, data_path = _data_only_rate(job, device, stride)
-    total = job["warmup"] + job["steps"]
-    log_every = max(1, job["steps"] // 10)  # ten rate records in the window: enough for a median
-    work = Path(tempfile.mkdtemp(prefix="throughput-trainer-"))
-    try:
-        # One epoch covers the run (the list repeats the files): no loader restart inside the window.
-        paths = measure.jpeg_paths(job["jpeg_dir"])
-        needed = (total + 1) * job["batch"] + HELD_OUT
-        (work / "images.txt").write_text("".join(f"{paths[i % len(paths)]}\n" for i in range(needed)))
-        parser = pretrain.get_args_parser()
-        args, ignored = parse_trainer_args(parser, trainer_argv(job, work / "images.txt", work / "run", log_every))
-        if hasattr(pretrain, "validate"):  # the entry-point convention: checks first, then main
-            pretrain.validate(args)
-        pretrain.main(args)
-        records = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines() if line.strip()]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    median, overall, count = steady_rate(records, job["warmup"])
-    return {"images_per_s": median, "ms_per_step": 1e3 * job["batch"] / median, "overall_images_per_s": overall,
-            "log_records": count, "log_every": log_every, "data_only_images_per_s": data_rate, "data_path": data_path,
-            "ignored_options": ignored}
-
-
 def run_job(job: dict) -> dict:
-    """One (encoder, variant) in this process: 'compute', 'trainer' or 'reference'."""
+    """One measurement in this process: 'matmul' (once per run), or per encoder 'compute', 'reference',
+    'trainer' (a configuration) or 'trainer_folder'."""
+    if job["variant"] == "matmul":
+        return machine.run_job(job)
     if job["variant"] not in VARIANTS:
         raise ValueError(f"unknown pretrain variant {job['variant']!r}")
     device = measure.setup(job)
-    result = {"compute": job_compute, "trainer": job_trainer, "reference": job_reference}[job["variant"]](job, device)
+    measurement = {"compute": job_compute, "reference": job_reference, "trainer": trainer.job_trainer,
+                   "trainer_folder": trainer.job_trainer}[job["variant"]]
+    result = measurement(job, device)
     import gc
 
     gc.collect()  # the loaders are gone: their worker processes have been joined
@@ -257,14 +174,10 @@ def run_job(job: dict) -> dict:
             "peak_worker_mb": measure.peak_children_mb()}
 
 
-def flop_rate(tflops: float) -> str:
-    """``12.3 TFLOP/s``, or in GFLOP/s below one TFLOP/s (a CPU)."""
-    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{1e3 * tflops:.1f} GFLOP/s"
-
-
 def prepare_jpegs(args, needed: int) -> tuple[Path, bool]:
-    """(folder of JPEGs, whether it is our temporary folder): ``--jpeg-dir`` (filled when empty) or a new one."""
-    count = args.jpeg_count or min(needed, 1024)
+    """(folder of JPEGs, whether it is our temporary folder): ``--jpeg-dir`` (filled when empty) or a new
+    one. Default count: with ``--quick`` enough for one pass (at most 1024), else :data:`FOLDER_JPEGS`."""
+    count = args.jpeg_count or (min(needed, 1024) if args.quick else FOLDER_JPEGS)
     if args.jpeg_dir:
         folder = Path(args.jpeg_dir)
         if not folder.is_dir() or not measure.jpeg_paths(folder):
@@ -276,64 +189,168 @@ def prepare_jpegs(args, needed: int) -> tuple[Path, bool]:
     return measure.write_jpegs(folder, count, args.jpeg_size), True
 
 
-def run_section(args, device: torch.device, common: dict, report: Report) -> None:
+def folder_images(args, jpegs: int, batch: int) -> int:
+    """Files of the ``trainer_folder`` run: all the benchmark's JPEGs; with ``--quick`` (and no
+    ``--jpeg-count``) two batches' worth, so that its window crosses epoch boundaries within a few steps."""
+    return min(jpegs, 2 * batch) if args.quick and not args.jpeg_count else jpegs
+
+
+def _plan_jobs(args, common: dict, plan: dict, jpeg_dir: Path, steps: int, warmup: int) -> list[dict]:
+    """The section's measurements: the matrix rate, then per encoder compute, reference, each trainer
+    configuration (the first also times the data path alone and one worker) and the folder run."""
     from ssl_colorize.models import get_card
+
+    variants = trainer.parse_variants(getattr(args, "trainer_variants", None) or trainer.DEFAULT_VARIANT)
+    jpegs = len(measure.jpeg_paths(jpeg_dir))
+    jobs = [{**common, "section": "pretrain", "encoder": "machine", "variant": "matmul"}]
+    for encoder, (crop, batch) in plan.items():
+        recipe = get_card(encoder).pretrain
+        base = {**common, "section": "pretrain", "encoder": encoder, "crop": crop, "batch": batch, "steps": steps,
+                "warmup": warmup, "resize": recipe.resize, "resize_mode": recipe.resize_mode, "jpeg_dir": str(jpeg_dir),
+                "compile": args.compile}
+        in_folder = folder_images(args, jpegs, batch)
+        timed = trainer.trainer_steps(steps, in_folder, batch)
+        jobs += [{**base, "variant": "compute"},
+                 {**base, "variant": "reference", "steps": min(steps, REFERENCE_STEPS), "warmup": min(warmup, REFERENCE_WARMUP)}]
+        jobs += [{**base, "variant": "trainer", "steps": timed, "trainer_name": name, "trainer_options": options,
+                  "measure_data": i == 0} for i, (name, options) in enumerate(variants)]
+        jobs.append({**base, "variant": "trainer_folder", "steps": timed, "trainer_name": "trainer_folder",
+                     "folder_images": in_folder})
+    return jobs
+
+
+def run_section(args, device: torch.device, common: dict, report: Report) -> None:
+    from ssl_colorize.models.cards import pretrainable_models
 
     steps = args.steps if args.steps is not None else (5 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    from ssl_colorize.models.cards import pretrainable_models
-
     encoders = measure.comma_list(args.encoders) if args.encoders else pretrainable_models()
     plan = {e: sizes(e, args.quick, args.crop, args.batch_size) for e in encoders}
-    folder, temporary = prepare_jpegs(args, max(b * (steps + warmup + 1) for _, b in plan.values()) + HELD_OUT)
-    jobs = [{**common, "section": "pretrain", "encoder": e, "crop": c, "batch": b, "steps": steps, "warmup": warmup,
-             "resize": get_card(e).pretrain.resize, "jpeg_dir": str(folder), "variant": v, "compile": args.compile}
-            for e, (c, b) in plan.items() for v in VARIANTS]
+    needed = max(b * (steps + warmup + 1) for _, b in plan.values()) + trainer.HELD_OUT
+    folder, temporary = prepare_jpegs(args, needed)
     try:
+        jobs = _plan_jobs(args, common, plan, folder, steps, warmup)
         results = run_all(jobs, not args.no_progress)
     finally:
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
-    by_key = {(j["encoder"], j["variant"]): r for j, r in zip(jobs, results)}
+    matmul = results[0]
+    line = (f"{matmul['matmul_dtype']} matrix rate {machine.flop_rate(matmul['matmul_tflops'])} "
+            f"({matmul['matmul_size']}^3 products, median of {matmul['matmul_repeats']}, {report.threads} threads)")
+    print(f"throughput: {line}", flush=True)
+    report.notes.append(f"machine: {line}; each row's mfu (settings) is its achieved FLOP/s over it")
+    report.add("pretrain", "machine/matmul", {k: v for k, v in matmul.items() if k.startswith("matmul_")}, matmul)
     for encoder, (crop, batch) in plan.items():
-        compute, trainer, ref = (by_key[(encoder, v)] for v in VARIANTS)
-        settings = {"encoder": encoder, "crop": crop, "batch": batch, "steps": steps, "warmup": warmup,
-                    "resize": get_card(encoder).pretrain.resize, "workers": common["workers"], "compile": args.compile or "none",
-                    "amp": "bf16" if device.type == "cuda" else "none", "channels_last": device.type == "cuda",
-                    "gflops_per_image": compute["gflops_per_image"], "train_gflops_per_image": compute["train_gflops_per_image"]}
-        tflops = {name: compute["train_gflops_per_image"] * r["images_per_s"] / 1e3 for name, r in
-                  (("compute", compute), ("trainer", trainer), ("reference", ref))}
-        bound = trainer["images_per_s"] / compute["images_per_s"]
-        report.add("pretrain", f"{encoder}/compute", {**settings, "achieved_tflops": tflops["compute"],
-                                                      "data": "synthetic batch, L and targets ready on the device"}, compute)
-        report.add("pretrain", f"{encoder}/reference",
-                   {**settings, "achieved_tflops": tflops["reference"],
-                    "data": "PIL + skimage rgb2lab + sklearn ball tree + dense target, in-process",
-                    "data_only_images_per_s": ref["data_only_images_per_s"], "data_wait_share": ref["data_wait_share"]},
-                   ref, 1.0)
-        ratio = trainer["images_per_s"] / ref["images_per_s"]
-        report.add("pretrain", f"{encoder}/trainer",
-                   {**settings, "achieved_tflops": tflops["trainer"], "data_path": trainer["data_path"],
-                    "data": f"ssl_colorize.pretrain.main on a JPEG list (fast_path: {trainer['data_path']})",
-                    "rate": f"median of {trainer['log_records']} log.jsonl records after {warmup} warm-up steps",
-                    "log_every": trainer["log_every"], "ignored_options": trainer["ignored_options"], "overall_images_per_s": trainer["overall_images_per_s"],
-                    "data_only_images_per_s": trainer["data_only_images_per_s"], "vs_compute": bound,
-                    "peak_worker_mb": trainer["peak_worker_mb"]}, trainer, ratio)
-        report.verdict(f"pretrain_trainer_{encoder}", ratio, f"{trainer['images_per_s']:.1f} img/s",
-                       f"{ref['images_per_s']:.1f} img/s", TARGETS["pretrain_step_cpu"] if report.kind == "cpu" else None)
-        report.verdict(f"data_path_{encoder}", trainer["data_only_images_per_s"] / ref["data_only_images_per_s"],
-                       f"{trainer['data_only_images_per_s']:.0f} img/s", f"{ref['data_only_images_per_s']:.0f} img/s")
-        note = (f"{encoder}: the trainer runs at {trainer['images_per_s']:.1f} img/s, {bound:.2f}x the compute-only bound "
-                f"({compute['images_per_s']:.1f} img/s); {compute['gflops_per_image']:.2f} GFLOP per image forward, "
-                f"{compute['train_gflops_per_image']:.2f} per training step: {flop_rate(tflops['trainer'])} achieved "
-                f"({flop_rate(tflops['compute'])} compute only)")
+        mine = [(j, r) for j, r in zip(jobs[1:], results[1:]) if j["encoder"] == encoder]
+        _report_encoder(args, report, device, mine, matmul, common["workers"])
+
+
+def _report_encoder(args, report: Report, device: torch.device, measured: list[tuple[dict, dict]], matmul: dict,
+                    workers: int) -> None:
+    """An encoder's rows, notes and verdicts from its (job, result) pairs."""
+    by_variant = {j["variant"]: (j, r) for j, r in measured if j["variant"] in ("compute", "reference", "trainer_folder")}
+    configurations = [(j, r) for j, r in measured if j["variant"] == "trainer"]
+    job, compute = by_variant["compute"]
+    ref_job, ref = by_variant["reference"]
+    encoder = job["encoder"]
+    settings = {"encoder": encoder, "crop": job["crop"], "batch": job["batch"], "steps": job["steps"],
+                "warmup": job["warmup"], "resize": job["resize"], "resize_mode": job["resize_mode"], "workers": workers,
+                "compile": args.compile or "none", "amp": "bf16" if device.type == "cuda" else "none",
+                "channels_last": device.type == "cuda", "gflops_per_image": compute["gflops_per_image"],
+                "train_gflops_per_image": compute["train_gflops_per_image"], "matmul_tflops": matmul["matmul_tflops"]}
+
+    def flops(result: dict, key: str = "images_per_s") -> dict:
+        achieved = machine.achieved_tflops(compute["train_gflops_per_image"], result[key])
+        return {"achieved_tflops": achieved, "mfu": machine.utilisation(achieved, matmul["matmul_tflops"])}
+
+    report.add("pretrain", f"{encoder}/compute", {**settings, **flops(compute),
+                                                  "data": "synthetic batch, L and targets ready on the device"}, compute)
+    report.add("pretrain", f"{encoder}/reference",
+               {**settings, **flops(ref), "steps": ref_job["steps"], "warmup": ref_job["warmup"],
+                "data": "PIL + skimage rgb2lab + sklearn ball tree + dense target, in-process",
+                "data_only_images_per_s": ref["data_only_images_per_s"], "data_wait_share": ref["data_wait_share"]},
+               ref, 1.0)
+    for i, (tjob, result) in enumerate(configurations):
+        name, bound = tjob["trainer_name"], result["images_per_s"] / compute["images_per_s"]
+        row = {**settings, **flops(result), "steps": tjob["steps"], "trainer_options": tjob["trainer_options"],
+               "data": f"ssl_colorize.pretrain.main on a JPEG list {' '.join(tjob['trainer_options'])}".rstrip(),
+               "rate": f"median of {result['log_records']} log.jsonl records after {tjob['warmup']} warm-up steps",
+               "log_every": result["log_every"], "ignored_options": result["ignored_options"],
+               "overall_images_per_s": result["overall_images_per_s"], "vs_compute": bound,
+               "data_wait_share": result.get("data_wait_share"),
+               "peak_worker_mb": result["peak_worker_mb"]}
+        if "data_only_images_per_s" in result:
+            row.update({k: result[k] for k in ("data_only_images_per_s", "data_path", "data_only_skipped_batches",
+                                               "data_only_timed_batches")}, worker_cost=result["worker_cost"])
+        ratio = result["images_per_s"] / ref["images_per_s"]
+        report.add("pretrain", f"{encoder}/{name}", row, result, ratio)
+        note = (f"{encoder} {name}: {result['images_per_s']:.1f} img/s (overall {result['overall_images_per_s']:.1f}), "
+                f"{bound:.2f}x the compute-only bound ({compute['images_per_s']:.1f} img/s){waiting(result)}; "
+                f"{machine.describe(row['achieved_tflops'], matmul)}")
+        if i == 0:
+            report.verdict(f"pretrain_trainer_{encoder}", ratio, f"{result['images_per_s']:.1f} img/s",
+                           f"{ref['images_per_s']:.1f} img/s", TARGETS["pretrain_step_cpu"] if report.kind == "cpu" else None)
+            note = (f"{encoder}: the trainer runs at {result['images_per_s']:.1f} img/s, {bound:.2f}x the compute-only "
+                    f"bound ({compute['images_per_s']:.1f} img/s){waiting(result)}; "
+                    f"{compute['gflops_per_image']:.2f} GFLOP per image "
+                    f"forward, {compute['train_gflops_per_image']:.2f} per training step: "
+                    f"{machine.describe(row['achieved_tflops'], matmul)} "
+                    f"({machine.describe(flops(compute)['achieved_tflops'], matmul)} compute only)")
+            if args.target_images_per_s:
+                met = result["images_per_s"] >= args.target_images_per_s
+                note += f" [target >= {args.target_images_per_s:g} img/s: {'met' if met else 'not met'}]"
         if report.kind == "cuda":
             note += f" [target: within {100 * TARGETS['data_wait_share_cuda']:.0f}% of the bound: "
             note += f"{'met' if bound >= 1 - TARGETS['data_wait_share_cuda'] else 'not met'}]"
-        if trainer["ignored_options"]:
-            report.notes.append(f"{encoder} trainer: this ssl_colorize.pretrain has no {trainer['ignored_options']}; "
-                                "ran without them (checkpoints inside the window would lower the rate)")
-        if args.target_images_per_s:
-            met = trainer["images_per_s"] >= args.target_images_per_s
-            note += f" [target >= {args.target_images_per_s:g} img/s: {'met' if met else 'not met'}]"
         report.notes.append(note)
+        if result["ignored_options"]:
+            report.notes.append(f"{encoder} {name}: this ssl_colorize.pretrain has no {result['ignored_options']}; "
+                                "ran without them (checkpoints inside the window would lower the rate)")
+        if "data_only_images_per_s" in result:
+            _data_notes(report, encoder, result, ref, compute, workers)
+    defaults = [c for c in configurations if not c[0]["trainer_options"]]  # the folder run's own options
+    _folder_report(report, encoder, settings, by_variant["trainer_folder"], (defaults or configurations)[0], compute, flops)
+
+
+def waiting(result: dict) -> str:
+    """``, 1.4% of the window waiting for data`` (from the trainer's log), or nothing where it is not logged."""
+    share = result.get("data_wait_share")
+    return "" if share is None else f", {100 * share:.1f}% of the window waiting for data"
+
+
+def _data_notes(report: Report, encoder: str, result: dict, ref: dict, compute: dict, workers: int) -> None:
+    """The data path alone (a verdict against the reference's) and where one worker's time goes."""
+    rate = result["data_only_images_per_s"]
+    report.verdict(f"data_path_{encoder}", rate / ref["data_only_images_per_s"], f"{rate:.0f} img/s",
+                   f"{ref['data_only_images_per_s']:.0f} img/s")
+    report.notes.append(
+        f"{encoder} data path alone ({result['data_path']}, {max(workers, 1)} process(es)): {rate:.0f} img/s over "
+        f"{result['data_only_timed_batches']} batches after the first {result['data_only_skipped_batches']}; "
+        + worker_cost.describe(result["worker_cost"], workers, compute["images_per_s"]))
+
+
+def _folder_report(report: Report, encoder: str, settings: dict, folder: tuple[dict, dict], listed: tuple[dict, dict],
+                   compute: dict, flops) -> None:
+    """The ImageFolder run's row, and its overall rate against the list run's (issue 14: within 5%)."""
+    (job, result), (_, list_result) = folder, listed
+    ratio = result["overall_images_per_s"] / list_result["overall_images_per_s"]
+    per_epoch = trainer.folder_batches_per_epoch(job["folder_images"], job["batch"])
+    report.add("pretrain", f"{encoder}/trainer_folder",
+               {**settings, **flops(result, "overall_images_per_s"), "steps": job["steps"],
+                "data": f"ssl_colorize.pretrain.main on an ImageFolder of {job['folder_images']} JPEGs (one class)",
+                "folder_images": job["folder_images"], "steps_per_epoch": per_epoch,
+                "epoch_boundaries": result["epoch_boundaries"], "overall_images_per_s": result["overall_images_per_s"],
+                "median_images_per_s": result["images_per_s"], "list_overall_images_per_s": list_result["overall_images_per_s"],
+                "vs_list": ratio, "vs_compute": result["overall_images_per_s"] / compute["images_per_s"],
+                "log_every": result["log_every"]},
+               {**result, "images_per_s": result["overall_images_per_s"],  # the window's images over its time
+                "ms_per_step": 1e3 * job["batch"] / result["overall_images_per_s"]})
+    met = ratio >= TARGETS["epoch_boundary"]
+    report.notes.append(
+        f"{encoder} trainer_folder: an ImageFolder of {job['folder_images']} JPEGs ({per_epoch} steps per epoch), "
+        f"{result['epoch_boundaries']} epoch boundaries in the {job['steps']}-step window: "
+        f"{result['overall_images_per_s']:.1f} img/s overall (median of records {result['images_per_s']:.1f}), the list "
+        f"run {list_result['overall_images_per_s']:.1f} ({list_result['images_per_s']:.1f}): {ratio:.3f}x "
+        f"[target: within {100 * (1 - TARGETS['epoch_boundary']):.0f}% of the list run: {'met' if met else 'not met'}]")
+    report.verdict(f"epoch_boundary_{encoder}", ratio, f"{result['overall_images_per_s']:.1f} img/s on an ImageFolder",
+                   f"{list_result['overall_images_per_s']:.1f} img/s on the list", TARGETS["epoch_boundary"])
