@@ -89,4 +89,5 @@ for encoder in "${ENCODERS[@]}"; do
     [ "${PIPESTATUS[0]}" = 0 ] || bench=1
 done
 note "benchmark exit $bench"
+rm -f "$OUT"/*.lock  # the CSV's lock file: $OUT brings back 8 files at most
 exit $(( tests || profile || bench || status ))
