@@ -29,6 +29,7 @@ def test_profile_of_the_trainers_loop(tmp_path, capsys):
     # The phases are disjoint parts of a step: together they fit in the step's wall time. No checkpoint
     # falls in the recorded steps (the only one is at the last step, after them).
     assert sum(host.values()) <= summary["wall_ms_per_step"] * 1.05
+    assert summary["host_unmarked_ms_per_step"] == pytest.approx(max(0.0, summary["wall_ms_per_step"] - sum(host.values())))
     assert host["checkpoint"] == 0
     assert "device_busy_ms_per_step" not in summary  # a CPU run
     trace = json.loads((folder / "trace.json").read_text())
@@ -50,6 +51,7 @@ def test_cuda_summary_busy_and_idle_shares():
     assert summary["host_ms_per_step"]["data"] == pytest.approx(2.0)
     assert summary["host_ms_per_step"]["forward+loss"] == pytest.approx(5.0)
     assert summary["host_ms_per_step"]["backward"] == 0.0
+    assert summary["host_unmarked_ms_per_step"] == pytest.approx(25.0 - 2.0 - 5.0)
     assert summary["device_busy_ms_per_step"] == pytest.approx(15.0)
     assert summary["device_idle_share"] == pytest.approx(0.4)
 

@@ -58,6 +58,8 @@ def summarize(events, steps: int, wall_seconds: float, cuda: bool) -> dict:
         "wall_ms_per_step": wall_seconds * per_step,
         "host_ms_per_step": {name: phases.get(name, 0.0) for name in PHASES},
     }
+    # Host time in no phase: the loop's own Python between them, and the profiler's step marks.
+    summary["host_unmarked_ms_per_step"] = max(0.0, summary["wall_ms_per_step"] - sum(summary["host_ms_per_step"].values()))
     if cuda:
         busy = sum(_device_time_us(e) for e in events) / 1e3 / steps
         summary["device_busy_ms_per_step"] = busy
@@ -69,6 +71,7 @@ def summary_text(summary: dict) -> str:
     lines = [f"profile: {summary['steps']} steps, {summary['wall_ms_per_step']:.2f} ms per step (wall)"]
     for name, ms in summary["host_ms_per_step"].items():
         lines.append(f"  host {name:<13} {ms:8.2f} ms per step")
+    lines.append(f"  host in no phase   {summary['host_unmarked_ms_per_step']:8.2f} ms per step")
     if "device_busy_ms_per_step" in summary:
         lines.append(f"  device busy        {summary['device_busy_ms_per_step']:8.2f} ms per step "
                      f"(idle {100 * summary['device_idle_share']:.1f}% of the wall time)")
