@@ -48,6 +48,7 @@ def jpegs(tmp_path_factory):
     (["--trainer-variants", "--workers x"], "variant '--workers x': ssl_colorize.pretrain refuses it: argument --workers"),
     (["--trainer-variants", "default; default"], "variant 'default' is named twice"),
     (["--trainer-variants", " ; "], "--trainer-variants ' ; ': name at least one configuration"),
+    (["--skip", "reference,compute"], "--skip reference,compute: unknown row 'compute'; choose from reference, trainer_folder"),
 ])
 def test_mistakes_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv, message):
     out_csv = tmp_path / "sub" / "t.csv"
@@ -279,6 +280,19 @@ def test_pretrain_section_rows_verdicts_and_notes(jpegs, monkeypatch, capsys):
     assert "[target: within 5% of the list run: " in rep.notes[4]
     assert folder["images_per_s"] == pytest.approx(folder_settings["overall_images_per_s"])
     assert measure.jpeg_paths(jpegs)  # a --jpeg-dir of ours is kept
+
+
+def test_skip_leaves_out_the_reference_and_folder_rows(jpegs, monkeypatch):
+    """--skip reference,trainer_folder: compute and the trainer rows only, no comparison that needs the reference."""
+    monkeypatch.setattr(pretrain_section, "run_all", lambda jobs, progress: [runner.run_job_here(j) for j in jobs])
+    args = throughput.get_args_parser().parse_args(
+        ["--encoders", "resnet50_lab", "--crop", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+         "--jpeg-dir", str(jpegs), "--skip", "reference,trainer_folder"])
+    rep = report.Report(torch.device("cpu"), 1)
+    pretrain_section.run_section(args, torch.device("cpu"), {"device": "cpu", "threads": 1, "workers": 0}, rep)
+    assert [r["variant"] for r in rep.rows] == ["machine/matmul", "resnet50_lab/compute", "resnet50_lab/trainer"]
+    assert rep.rows[2]["ratio"] is None and json.loads(rep.rows[2]["settings"])["vs_compute"] > 0
+    assert rep.verdicts == [] and "the compute-only bound" in rep.notes[1] and "data path alone" in rep.notes[2]
 
 
 def test_probe_section_rows_and_verdicts(monkeypatch, tmp_path):

@@ -90,6 +90,9 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                    help="pretrain section: ';'-separated trainer configurations, each measured as its own row: "
                         "'default' (the trainer's defaults) or extra ssl_colorize.pretrain options, e.g. "
                         "\"default;--compile reduce-overhead;--workers 15\"")
+    p.add_argument("--skip", default="",
+                   help="pretrain section: comma list of optional rows to leave out: "
+                        + ", ".join(pretrain.OPTIONAL_ROWS) + " (e.g. to fit a GPU check into its minutes)")
     p.add_argument("--target-images-per-s", type=float, default=None,
                    help="pretrain section: a rate the trainer should reach, printed as met / not met (issue 7: "
                         "5000 for alexnet_lab at 180 px on an H100-class GPU)")
@@ -132,6 +135,9 @@ def validate(args) -> None:
             if recipe is None:
                 raise fail("--encoders", args.encoders, f"{encoder} has no colour head (no pretraining recipe); "
                                                         f"choose from {', '.join(_pretrainable())}")
+        unknown = [row for row in measure.comma_list(args.skip) if row not in pretrain.OPTIONAL_ROWS]
+        if unknown:
+            raise fail("--skip", args.skip, f"unknown row {unknown[0]!r}; choose from {', '.join(pretrain.OPTIONAL_ROWS)}")
         try:
             trainer.parse_variants(args.trainer_variants)
         except ValueError as exc:

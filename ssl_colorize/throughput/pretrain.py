@@ -32,6 +32,8 @@ from ssl_colorize.throughput.report import TARGETS, Report
 from ssl_colorize.throughput.runner import run_all
 
 VARIANTS = ("compute", "reference", "trainer", "trainer_folder")
+#: Rows ``--skip`` may leave out (compute and the trainer are what every other row is read against).
+OPTIONAL_ROWS = ("reference", "trainer_folder")
 #: JPEGs written by default at the paper's sizes: the ImageFolder of issue 14's epoch-boundary measurement
 #: (3,576 files there), so that an epoch is as long as it was.
 FOLDER_JPEGS = 3600
@@ -202,6 +204,7 @@ def _plan_jobs(args, common: dict, plan: dict, jpeg_dir: Path, steps: int, warmu
 
     variants = trainer.parse_variants(getattr(args, "trainer_variants", None) or trainer.DEFAULT_VARIANT)
     jpegs = len(measure.jpeg_paths(jpeg_dir))
+    skip = set(measure.comma_list(getattr(args, "skip", "") or ""))
     jobs = [{**common, "section": "pretrain", "encoder": "machine", "variant": "matmul"}]
     for encoder, (crop, batch) in plan.items():
         recipe = get_card(encoder).pretrain
@@ -210,12 +213,15 @@ def _plan_jobs(args, common: dict, plan: dict, jpeg_dir: Path, steps: int, warmu
                 "compile": args.compile}
         in_folder = folder_images(args, jpegs, batch)
         timed = trainer.trainer_steps(steps, in_folder, batch)
-        jobs += [{**base, "variant": "compute"},
-                 {**base, "variant": "reference", "steps": min(steps, REFERENCE_STEPS), "warmup": min(warmup, REFERENCE_WARMUP)}]
+        jobs.append({**base, "variant": "compute"})
+        if "reference" not in skip:
+            jobs.append({**base, "variant": "reference", "steps": min(steps, REFERENCE_STEPS),
+                         "warmup": min(warmup, REFERENCE_WARMUP)})
         jobs += [{**base, "variant": "trainer", "steps": timed, "trainer_name": name, "trainer_options": options,
                   "measure_data": i == 0} for i, (name, options) in enumerate(variants)]
-        jobs.append({**base, "variant": "trainer_folder", "steps": timed, "trainer_name": "trainer_folder",
-                     "folder_images": in_folder})
+        if "trainer_folder" not in skip:
+            jobs.append({**base, "variant": "trainer_folder", "steps": timed, "trainer_name": "trainer_folder",
+                         "folder_images": in_folder})
     return jobs
 
 
@@ -251,7 +257,7 @@ def _report_encoder(args, report: Report, device: torch.device, measured: list[t
     by_variant = {j["variant"]: (j, r) for j, r in measured if j["variant"] in ("compute", "reference", "trainer_folder")}
     configurations = [(j, r) for j, r in measured if j["variant"] == "trainer"]
     job, compute = by_variant["compute"]
-    ref_job, ref = by_variant["reference"]
+    ref_job, ref = by_variant.get("reference", (None, None))  # None: left out with --skip
     encoder = job["encoder"]
     settings = {"encoder": encoder, "crop": job["crop"], "batch": job["batch"], "steps": job["steps"],
                 "warmup": job["warmup"], "resize": job["resize"], "resize_mode": job["resize_mode"], "workers": workers,
@@ -265,11 +271,12 @@ def _report_encoder(args, report: Report, device: torch.device, measured: list[t
 
     report.add("pretrain", f"{encoder}/compute", {**settings, **flops(compute),
                                                   "data": "synthetic batch, L and targets ready on the device"}, compute)
-    report.add("pretrain", f"{encoder}/reference",
-               {**settings, **flops(ref), "steps": ref_job["steps"], "warmup": ref_job["warmup"],
-                "data": "PIL + skimage rgb2lab + sklearn ball tree + dense target, in-process",
-                "data_only_images_per_s": ref["data_only_images_per_s"], "data_wait_share": ref["data_wait_share"]},
-               ref, 1.0)
+    if ref is not None:
+        report.add("pretrain", f"{encoder}/reference",
+                   {**settings, **flops(ref), "steps": ref_job["steps"], "warmup": ref_job["warmup"],
+                    "data": "PIL + skimage rgb2lab + sklearn ball tree + dense target, in-process",
+                    "data_only_images_per_s": ref["data_only_images_per_s"], "data_wait_share": ref["data_wait_share"]},
+                   ref, 1.0)
     for i, (tjob, result) in enumerate(configurations):
         name, bound = tjob["trainer_name"], result["images_per_s"] / compute["images_per_s"]
         row = {**settings, **flops(result), "steps": tjob["steps"], "trainer_options": tjob["trainer_options"],
@@ -282,14 +289,15 @@ def _report_encoder(args, report: Report, device: torch.device, measured: list[t
         if "data_only_images_per_s" in result:
             row.update({k: result[k] for k in ("data_only_images_per_s", "data_path", "data_only_skipped_batches",
                                                "data_only_timed_batches")}, worker_cost=result["worker_cost"])
-        ratio = result["images_per_s"] / ref["images_per_s"]
+        ratio = result["images_per_s"] / ref["images_per_s"] if ref is not None else None
         report.add("pretrain", f"{encoder}/{name}", row, result, ratio)
         note = (f"{encoder} {name}: {result['images_per_s']:.1f} img/s (overall {result['overall_images_per_s']:.1f}), "
                 f"{bound:.2f}x the compute-only bound ({compute['images_per_s']:.1f} img/s){waiting(result)}; "
                 f"{machine.describe(row['achieved_tflops'], matmul)}")
-        if i == 0:
+        if i == 0 and ref is not None:
             report.verdict(f"pretrain_trainer_{encoder}", ratio, f"{result['images_per_s']:.1f} img/s",
                            f"{ref['images_per_s']:.1f} img/s", TARGETS["pretrain_step_cpu"] if report.kind == "cpu" else None)
+        if i == 0:
             note = (f"{encoder}: the trainer runs at {result['images_per_s']:.1f} img/s, {bound:.2f}x the compute-only "
                     f"bound ({compute['images_per_s']:.1f} img/s){waiting(result)}; "
                     f"{compute['gflops_per_image']:.2f} GFLOP per image "
@@ -308,6 +316,8 @@ def _report_encoder(args, report: Report, device: torch.device, measured: list[t
                                 "ran without them (checkpoints inside the window would lower the rate)")
         if "data_only_images_per_s" in result:
             _data_notes(report, encoder, result, ref, compute, workers)
+    if "trainer_folder" not in by_variant:  # left out with --skip
+        return
     defaults = [c for c in configurations if not c[0]["trainer_options"]]  # the folder run's own options
     _folder_report(report, encoder, settings, by_variant["trainer_folder"], (defaults or configurations)[0], compute, flops)
 
@@ -318,11 +328,12 @@ def waiting(result: dict) -> str:
     return "" if share is None else f", {100 * share:.1f}% of the window waiting for data"
 
 
-def _data_notes(report: Report, encoder: str, result: dict, ref: dict, compute: dict, workers: int) -> None:
+def _data_notes(report: Report, encoder: str, result: dict, ref: dict | None, compute: dict, workers: int) -> None:
     """The data path alone (a verdict against the reference's) and where one worker's time goes."""
     rate = result["data_only_images_per_s"]
-    report.verdict(f"data_path_{encoder}", rate / ref["data_only_images_per_s"], f"{rate:.0f} img/s",
-                   f"{ref['data_only_images_per_s']:.0f} img/s")
+    if ref is not None:
+        report.verdict(f"data_path_{encoder}", rate / ref["data_only_images_per_s"], f"{rate:.0f} img/s",
+                       f"{ref['data_only_images_per_s']:.0f} img/s")
     report.notes.append(
         f"{encoder} data path alone ({result['data_path']}, {max(workers, 1)} process(es)): {rate:.0f} img/s over "
         f"{result['data_only_timed_batches']} batches after the first {result['data_only_skipped_batches']}; "
