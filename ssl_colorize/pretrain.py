@@ -94,8 +94,9 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="auto: bf16 autocast on CUDA")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on CUDA)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                   help="torch.compile the model; a bare --compile is 'default', 'reduce-overhead' adds CUDA graphs")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=("none",) + COMPILE_MODES,
+                   help="torch.compile the model; a bare --compile is 'default', 'reduce-overhead' adds CUDA graphs, "
+                        "'none' (the default) runs it eagerly")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cpus - 1))")
     p.add_argument("--data-path", default="auto", choices=DATA_PATHS,
                    help="workers: CPU worker processes decode, crop and soft-encode; device: batched nvJPEG "
@@ -235,7 +236,7 @@ def main(args: argparse.Namespace) -> dict:
         core = train_model.encoder
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if args.compile not in (None, "none"):
         train_model = torch.compile(train_model, mode=None if args.compile == "default" else args.compile)
 
     # One loader for the whole run: its sampler spans the epochs, so the worker processes start once.

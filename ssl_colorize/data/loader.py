@@ -69,7 +69,7 @@ class PretrainLoader:
         targets_on: where the "workers" path computes ab on the loss grid and its soft encoding:
             "workers" (in the collate, on the CPU: 43% of a worker's time per image at the paper's
             alexnet_lab sizes, measured on a 2-core EPYC) or "device" (after the copy, on the training
-            device; on CUDA on the producer thread's side stream). The values are the same either way.
+            device; on CUDA on the hand-off's side stream). The values are the same either way.
             The "device" path always computes them on the device.
     """
 
