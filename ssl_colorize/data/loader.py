@@ -226,7 +226,9 @@ class PretrainLoader:
                 yield batch
                 start = time.perf_counter()
         finally:
-            del iterator  # a consumer that stops early (an endless sampler) ends the worker processes now
+            # A consumer that stops early (an endless sampler) ends the worker processes now: the last
+            # reference to the DataLoader iterator (shared with start_next) goes.
+            iterator = None  # noqa: F841
 
     def _wait_on_device(self, batch: PretrainBatch, event) -> None:
         """The step's stream waits for the side stream's work on this batch (no host sync), and the

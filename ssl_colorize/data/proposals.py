@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssl_colorize.atomic import atomic_write
+from ssl_colorize.data.matfile import load_mat
 from ssl_colorize.data.voc import DetectionRecord, SkippedItem, VOCImages
 
 #: The file names of the released selective-search data (pascal_voc.py: ``'voc_' + year + '_' + image_set``).
@@ -69,13 +70,7 @@ def _image_id(entry) -> str:
 
 @lru_cache(maxsize=4)
 def _read_cached(path: str, mtime: float, size: int) -> tuple[tuple[str, ...] | None, tuple[np.ndarray, ...]]:
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
-
-    try:
-        data = loadmat(path, variable_names=["boxes", "images"])
-    except (MatReadError, ValueError, OSError, TypeError, NotImplementedError) as exc:  # v7.3 (HDF5) too
-        raise ValueError(f"{path}: not a readable .mat file ({exc})") from None
+    data = load_mat(path, variable_names=["boxes", "images"])  # ValueError naming the file
     layout = ("expected the released selective-search layout: 'boxes', a cell array of K x 4 "
               "[y1 x1 y2 x2] arrays (1-based), one per image")
     if "boxes" not in data:

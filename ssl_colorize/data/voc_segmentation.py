@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ssl_colorize.data.images import read_image
+from ssl_colorize.data.matfile import load_mat
 from ssl_colorize.data.voc import (
     IGNORE_LABEL,
     NUM_SEG_CLASSES,
@@ -89,13 +90,11 @@ def read_sbd_mask(path: str | os.PathLike) -> np.ndarray:
     MATLAB struct ``GTcls`` with fields ``Segmentation`` (H x W class indices, 0 = background),
     ``Boundaries`` and ``CategoriesPresent``. Anything else is an :class:`SBDLayoutError` naming the file.
     """
-    from scipy.io import loadmat
-
     path = Path(path)
     try:
-        mat = loadmat(path, squeeze_me=True, struct_as_record=False)
-    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
-        raise SBDLayoutError(f"{path}: not a MATLAB file (SBD's cls/*.mat hold GTcls.Segmentation): {exc}") from exc
+        mat = load_mat(path, squeeze_me=True, struct_as_record=False)
+    except ValueError as exc:
+        raise SBDLayoutError(f"{exc} (SBD's cls/*.mat hold GTcls.Segmentation)") from exc
     try:
         mask = np.asarray(mat["GTcls"].Segmentation)
     except (KeyError, AttributeError) as exc:

@@ -126,7 +126,7 @@ class StepProfiler:
         end = self._window_end if self._window_end is not None else time.perf_counter()
         events = prof.key_averages()
         summary = summarize(events, self.steps, end - self._window_start, self.cuda)
-        sort_by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"  # torch >= 2.4 names
         prof.export_chrome_trace(str(self.folder / "trace.json"))
         with atomic_write(self.folder / "ops.txt", "w") as handle:
             handle.write(events.table(sort_by=sort_by, row_limit=40) + "\n")
