@@ -8,6 +8,7 @@ benchmark times as its baseline; the benchmark's own tests are in tests/test_thr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from ssl_colorize.data import ImageFiles, builtin_photos, read_image
 from ssl_colorize.data.fast_path import (
     TargetSpec,
     decode_batch,
+    default_workers,
     prepare_targets,
     resolve_data_path,
 )
@@ -174,6 +176,14 @@ def test_resolve_data_path_and_options():
         resolve_data_path("gpu", "cpu")
     with pytest.raises(ValueError, match="batch_size"):
         PretrainLoader(None, [], 0, CROP, RESIZE, "cpu")
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    # SLURM's --cpus-per-task confines a job to a CPU set; os.cpu_count() still says the node's cores.
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert default_workers() == 3  # one core left to the training process
+    assert [default_workers(cores) for cores in (1, 2, 9, 16, 128)] == [0, 1, 8, 8, 8]
 
 
 def test_early_stop_and_errors_end_the_producer_thread(image_folder):

@@ -127,7 +127,8 @@ def test_resume_after_a_real_kill(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:
         log = out / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 3:  # past the checkpoint at step 2
+        # Past the checkpoint at step 2, which a background thread writes: its file is there once it landed.
+        if log.exists() and len(log.read_text().splitlines()) >= 3 and (out / "checkpoint.pth").exists():
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

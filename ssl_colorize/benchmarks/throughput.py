@@ -28,10 +28,10 @@ with one line per comparison::
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from ssl_colorize.data.fast_path import default_workers
 from ssl_colorize.engine.cli import (
     ArgumentParser, UsageError, check_non_negative, check_number, check_output_dir, check_output_file,
     check_positive, fail, run_cli,
@@ -76,7 +76,8 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     p.add_argument("--loss-size", type=int, default=56, help="loss section: loss-grid side (the paper's 56)")
     p.add_argument("--crop", type=int, default=None, help="pretrain section: override every encoder's crop")
     p.add_argument("--batch-size", type=int, default=None, help="pretrain section: override every encoder's batch")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(8, cpus - 1))")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes (default: the cores this process may use, less one, at most 8)")
     p.add_argument("--jpeg-dir", default=None,
                    help="folder of JPEGs for the real data path, written when empty "
                         "(default: a temporary folder written from the built-in photographs)")
@@ -156,7 +157,7 @@ def main(args) -> dict:
     if args.out_csv:
         Path(args.out_csv).parent.mkdir(parents=True, exist_ok=True)
     device = measure.resolve_device(args.device)
-    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    workers = args.workers if args.workers is not None else default_workers()
     common = {"device": str(device), "threads": args.threads, "workers": workers}
     report = Report(device, args.threads)
     print(f"throughput: {report.base['device']}, torch {report.base['torch']}, torchvision {report.base['torchvision']}, "

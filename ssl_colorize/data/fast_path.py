@@ -366,6 +366,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+#: Most loader workers the trainer starts when ``--workers`` is not given.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(cores: int | None = None) -> int:
+    """The trainer's loader workers when ``--workers`` is not given: the cores this process may use
+    (``cores``, default :func:`available_cores`: under SLURM its ``--cpus-per-task``, not the node's
+    count) less one for the training process itself, at most :data:`MAX_DEFAULT_WORKERS`."""
+    cores = available_cores() if cores is None else cores
+    return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))
+
+
 def resolve_data_path(name: str, device: torch.device | str, cores: int | None = None) -> str:
     """``--data-path`` -> "workers" or "device". "auto": "device" on a CUDA device whose torchvision
     decodes JPEGs there when fewer than :data:`AUTO_WORKERS_MIN_CORES` cores (``cores``, default
