@@ -67,9 +67,9 @@ class PretrainLoader:
             thread competes for the interpreter with the one launching the kernels). On a CPU both are
             the same: the training thread takes the workers' batches.
         targets_on: where the "workers" path computes ab on the loss grid and its soft encoding:
-            "workers" (in the collate, on the CPU: 0.16 of a GPU trainer's worker's 1.45 ms per image at
-            the paper's alexnet_lab sizes, measured on a 2-core EPYC) or "device" (after the copy, on the training
-            device; on CUDA on the hand-off's side stream). The values are the same either way.
+            "workers" (in the collate, on the CPU: 0.16 of a GPU trainer's worker's 1.45 ms per image
+            at the paper's alexnet_lab sizes, measured on a 2-core EPYC) or "device" (after the copy, on
+            the training device; on CUDA on the hand-off's side stream). The values are the same either way.
             The "device" path always computes them on the device.
     """
 
