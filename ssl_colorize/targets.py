@@ -138,8 +138,9 @@ def _nearest_bins(ab: torch.Tensor, k: int, from_srgb: bool = False) -> tuple[to
 
     ab is (P, 2) float32. Distances are exact: (a - a_c)^2 + (b - b_c)^2 of the chosen centres.
     ``from_srgb``: ab of sRGB colours, which all lie inside the tabulated square (a in [-86.2, 98.3],
-    b in [-107.9, 94.5], against the square's [-130, 130); tests/test_targets.py converts the whole 256^3 cube), so the check for pixels
-    outside it is skipped: on a GPU that check reads a flag back to the host, a sync per batch.
+    b in [-107.9, 94.5], against the square's [-130, 130); tests/test_targets.py converts the whole
+    256^3 cube), so the check for pixels outside it is skipped: on a GPU that check reads a flag back
+    to the host, a sync per batch.
     """
     table = _candidate_table(k)
     centers = bin_centers(ab.device, ab.dtype)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ssl_colorize.atomic import atomic_write
+from ssl_colorize.checkpoint import save_checkpoint
 from ssl_colorize.engine.cli import UsageError, check_output_dir
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -144,9 +145,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
         """Atomic: a kill at any moment leaves the previous checkpoint or the new one."""
-        with atomic_write(self.checkpoint_path, "wb") as handle:
-            torch.save(state, handle)
-        return self.checkpoint_path
+        return save_checkpoint(self.checkpoint_path, state)
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The rolling checkpoint when resuming and one exists, else None (a fresh start).

@@ -46,14 +46,12 @@ def copy_file(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.link.tmp")
     try:
-        if temporary.exists():
-            temporary.unlink()
+        temporary.unlink(missing_ok=True)
         os.link(source, temporary)
         os.replace(temporary, target)
         return
     except OSError:
-        if temporary.exists():
-            temporary.unlink()
+        temporary.unlink(missing_ok=True)
     with open(source, "rb") as src, atomic_write(target, "wb") as dst:
         shutil.copyfileobj(src, dst, length=16 << 20)
 
